@@ -1,0 +1,150 @@
+"""The backend choice of w4a16.gemm, in one place.
+
+``decide`` is a pure function of the call's facts (a Problem) and of which backends this process
+has; it returns the backend and a human-readable reason. ``select`` is what the op calls: it adds
+the environment override (W4A16_BACKEND), caching, and the one-time warnings.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Mapping, NamedTuple, Optional
+
+import torch
+
+from .backends import BACKENDS
+from .problem import Problem
+
+ENV_VAR = "W4A16_BACKEND"  # "auto" (default), "cuda", "triton" or "reference"
+
+# Preference on a CUDA device, first that can serve the call wins. The reference backend serves
+# everything, so a call never goes without a kernel.
+_GPU_ORDER = ("cuda", "triton", "reference")
+
+
+class Decision(NamedTuple):
+    backend: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.backend}: {self.reason}"
+
+
+class BackendUnavailableError(RuntimeError):
+    pass
+
+
+def decide(p: Problem, unavailable: Mapping[str, Optional[str]]) -> Decision:
+    """The automatic choice. unavailable maps a backend name to why it is missing (None: present)."""
+    if p.device_type == "cpu":
+        return Decision("reference", "CPU tensors are served by the reference backend (dequantize + float32 matmul)")
+    skipped = []
+    for name in _GPU_ORDER:
+        why_not = unavailable.get(name) or BACKENDS[name].unsupported_reason(p)
+        if why_not is None:
+            how = f"the first of {'/'.join(_GPU_ORDER)} that serves this call"
+            return Decision(name, "; ".join(skipped + [how]))
+        skipped.append(f"not {name}: {why_not}")
+    raise AssertionError("the reference backend serves every call")
+
+
+def check_forced(p: Problem, name: str, unavailable: Mapping[str, Optional[str]]) -> Decision:
+    """A backend asked for by name: it serves the call or this raises, never a silent fallback."""
+    if name not in BACKENDS:
+        raise BackendUnavailableError(
+            f"w4a16.gemm: {ENV_VAR}={name!r} is not a backend; expected one of auto, {', '.join(BACKENDS)}"
+        )
+    why_not = unavailable.get(name) or BACKENDS[name].unsupported_reason(p)
+    if why_not is not None:
+        raise BackendUnavailableError(f"w4a16.gemm: backend {name!r} was forced but cannot serve {p.describe()}: {why_not}")
+    return Decision(name, f"forced by {ENV_VAR}={name}")
+
+
+def unavailable_backends() -> dict[str, Optional[str]]:
+    return {name: b.availability() for name, b in BACKENDS.items()}
+
+
+def forced_backend() -> Optional[str]:
+    name = os.environ.get(ENV_VAR, "auto").strip().lower()
+    return None if name in ("", "auto") else name
+
+
+@functools.lru_cache(maxsize=8192)
+def _select(p: Problem, forced: Optional[str]) -> Decision:
+    unavailable = unavailable_backends()
+    if forced is not None:
+        return check_forced(p, forced, unavailable)
+    d = decide(p, unavailable)
+    if p.device_type == "cuda" and d.backend != "cuda":
+        _warn_slower_than_available(p, d, unavailable)
+    return d
+
+
+def select(p: Problem) -> Decision:
+    return _select(p, forced_backend())
+
+
+_warned: set = set()
+
+
+def _warn_once(key, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, stacklevel=4)
+
+
+def _warn_slower_than_available(p: Problem, d: Decision, unavailable) -> None:
+    cuda_missing = unavailable.get("cuda")
+    if cuda_missing is not None:
+        _warn_once("cuda-missing", f"w4a16_ops: the CUDA backend is unavailable ({cuda_missing}); using slower backends")
+    shape = (p.K, p.N, p.G, p.has_zeros, p.dtype)
+    if cuda_missing is not None and BACKENDS["cuda"].unsupported_reason(p) is None:
+        _warn_once(
+            ("shape", shape),
+            f"w4a16_ops: {p.describe()} runs on {d.backend}; the CUDA kernel would serve it faster "
+            f"but is unavailable ({cuda_missing})",
+        )
+    elif d.backend == "reference":
+        _warn_once(("shape", shape), f"w4a16_ops: {p.describe()} falls back to the slow reference backend: {d.reason}")
+
+
+def problem_for(device: torch.device, dtype: torch.dtype, M: int, K: int, N: int, G: int, has_zeros: bool) -> Problem:
+    cap = _capability(device) if device.type == "cuda" else None
+    return Problem(device.type, cap, dtype, M, K, N, G, has_zeros)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def explain(
+    M: int,
+    K: int,
+    N: int,
+    *,
+    group_size: int = 128,
+    dtype: torch.dtype = torch.float16,
+    zeros: bool = False,
+    device: str = "cuda",
+    capability: Optional[tuple[int, int]] = None,
+    unavailable: Optional[Mapping[str, Optional[str]]] = None,
+) -> Decision:
+    """Which backend w4a16.gemm would use for this call, and why.
+
+    capability and unavailable default to this machine; pass them to ask about another one, e.g.
+    explain(1, 2112, 4096, capability=(9, 0), unavailable={}) for an H100 with every backend built.
+    """
+    dev = torch.device(device)
+    G = K if group_size in (-1, K) else group_size
+    if capability is None and dev.type == "cuda":
+        capability = _capability(dev) if torch.cuda.is_available() else (9, 0)
+    p = Problem(dev.type, capability, dtype, M, K, N, G, zeros)
+    if unavailable is None:
+        unavailable = unavailable_backends()
+        forced = forced_backend()
+        if forced is not None:
+            return check_forced(p, forced, unavailable)
+    return decide(p, {n: unavailable.get(n) for n in BACKENDS})
