@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The one GPU script: build the CUDA extension, run the test suite, run the benchmark, all logs to OUTDIR.
+#
+#   bash scripts/gpu_check.sh OUTDIR
+#
+# Knobs (environment):
+#   W4A16_TESTS   pytest selection (default: the whole tests/ folder)
+#   W4A16_BENCH   arguments for benchmarks/bench_op.py (default: --quick); "skip" skips it
+#   W4A16_EXTRA   a shell command run last (e.g. compute-sanitizer runs), output in OUTDIR/extra.log
+set -uo pipefail
+OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+export W4A16_BUILD_CUDA=${W4A16_BUILD_CUDA:-1}
+cd "$(dirname "$0")/.."
+
+{ nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
+  > "$OUT/env.txt" 2>&1
+start=$(date +%s)
+if ! python3 -m pip install --no-build-isolation --no-deps -v -e . > "$OUT/build.log" 2>&1; then
+  tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+echo "build: $(( $(date +%s) - start )) s"
+grep -E "registers|spill|bytes stack" "$OUT/build.log" | sort -u | head -40 > "$OUT/ptxas.txt" || true
+
+python3 -m w4a16_ops > "$OUT/main.log" 2>&1; echo "python -m w4a16_ops: exit $?"; tail -25 "$OUT/main.log"
+python3 -m pytest ${W4A16_TESTS:-tests} -q -x -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -25
+test_rc=${PIPESTATUS[0]}
+
+if [ "${W4A16_BENCH:---quick}" != "skip" ]; then
+  python3 -m benchmarks.bench_op --out "$OUT" ${W4A16_BENCH:---quick} 2>&1 | tee "$OUT/bench.log" | tail -60
+fi
+if [ -n "${W4A16_EXTRA:-}" ]; then
+  bash -c "$W4A16_EXTRA" > "$OUT/extra.log" 2>&1; echo "extra: exit $?"; tail -40 "$OUT/extra.log"
+fi
+exit $test_rc
