@@ -1,5 +1,6 @@
 // torch binding of the format probe: torch.ops.w4a16._format_probe(qweight, bf16) -> float [Kt*16, Nt*64].
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -16,7 +17,7 @@ at::Tensor format_probe(const at::Tensor& qweight, bool bf16) {
   const int k_tiles = qweight.size(0), n_tiles = qweight.size(1) / 128;
   auto out = at::empty({k_tiles * 16, n_tiles * 64}, qweight.options().dtype(at::kFloat));
   auto err = w4a16::launch_format_probe(qweight.data_ptr<int32_t>(), out.data_ptr<float>(), k_tiles, n_tiles, bf16,
-                                        at::cuda::getCurrentCUDAStream());
+                                        c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "_format_probe: launch failed: ", cudaGetErrorString(err));
   return out;
 }

@@ -21,6 +21,11 @@ __device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
   return res;
 }
 
+// Conversions that work under torch's -D__CUDA_NO_HALF_CONVERSIONS__ / NO_BFLOAT16_CONVERSIONS.
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
 template <typename T> struct Vec2;
 template <> struct Vec2<__half> { using type = __half2; };
 template <> struct Vec2<__nv_bfloat16> { using type = __nv_bfloat162; };

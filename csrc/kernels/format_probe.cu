@@ -37,7 +37,7 @@ __global__ void format_probe_kernel(const int4* __restrict__ qweight, float* __r
   const int kt = blockIdx.y, nt = blockIdx.x;
   const int4 words = qweight[(size_t(kt) * n_tiles + nt) * 32 + lane];
   // Identity A (16 x 16): ones where row == col, in the A fragment layout of m16n8k16.
-  const T one = T(1.0f), zero = T(0.0f);
+  const T one = from_float<T>(1.0f), zero = from_float<T>(0.0f);
   T2 diag;
   diag.x = (g == 2 * t) ? one : zero;
   diag.y = (g == 2 * t + 1) ? one : zero;
@@ -48,8 +48,8 @@ __global__ void format_probe_kernel(const int4* __restrict__ qweight, float* __r
                    *reinterpret_cast<uint32_t*>(&nil), *reinterpret_cast<uint32_t*>(&diag)};
   const int w[4] = {words.x, words.y, words.z, words.w};
   T2 z8;
-  z8.x = T(8.0f);
-  z8.y = T(8.0f);
+  z8.x = from_float<T>(8.0f);
+  z8.y = z8.x;
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     T2 frag[4];
