@@ -10,9 +10,7 @@ import torch
 import w4a16_ops
 from w4a16_ops.backends.reference import gemm_float64
 
-# Relative Frobenius error bounds, about two units of roundoff of the dtype: the output is rounded
-# to it once and kernels may round the dequantized weight (q - z) * s to it once more.
-TOLERANCE = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+from w4a16_ops.testing import TOLERANCE, rel_err  # noqa: F401  (re-exported for the tests)
 
 
 class Case(NamedTuple):
@@ -58,12 +56,6 @@ def _strided_to(x: torch.Tensor, device) -> torch.Tensor:
     view = base[..., 3::2]
     view.copy_(x)
     return view
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out = out.to(torch.float64)
-    denom = ref.norm().item()
-    return (out - ref).norm().item() / denom if denom > 0 else (out - ref).norm().item()
 
 
 def assert_close_to_reference(out: torch.Tensor, case: Case, what: str = "") -> float:

@@ -44,8 +44,7 @@ def decide(p: Problem, unavailable: Mapping[str, Optional[str]]) -> Decision:
     for name in _GPU_ORDER:
         why_not = unavailable.get(name) or BACKENDS[name].unsupported_reason(p)
         if why_not is None:
-            how = f"the first of {'/'.join(_GPU_ORDER)} that serves this call"
-            return Decision(name, "; ".join(skipped + [how]))
+            return Decision(name, "; ".join(skipped) if skipped else f"first choice on {p.device_type}")
         skipped.append(f"not {name}: {why_not}")
     raise AssertionError("the reference backend serves every call")
 
