@@ -20,11 +20,20 @@ from .format import (
     unpack_zeros,
 )
 from .ops import gemm
+from .converters import ConvertedW4A16, convert_awq, convert_compressed_tensors, convert_gptq
+from .nn import SwapReport, W4A16Linear, swap_linears
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "ConvertedW4A16",
+    "SwapReport",
+    "W4A16Linear",
+    "convert_awq",
+    "convert_compressed_tensors",
+    "convert_gptq",
+    "swap_linears",
     "Decision",
     "PackedW4A16",
     "dequantize",
