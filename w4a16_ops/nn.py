@@ -404,7 +404,8 @@ def swap_linears(
         if N % 8:
             report.skipped.append(entry(f"out_features = {N} is not a multiple of 8"))
             continue
-        shared = [n for n in param_names.get(id(w), []) if n != f"{name}.weight"]
+        own = {f"{full}.weight" for _, _, full in places.get(id(mod), [])}
+        shared = [n for n in param_names.get(id(w), []) if n not in own]
         if shared:
             report.skipped.append(entry(f"weight is shared with {', '.join(shared)} (tied)"))
             continue
