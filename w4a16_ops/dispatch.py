@@ -85,6 +85,17 @@ def select(p: Problem) -> Decision:
     return _select(p, forced_backend())
 
 
+def route(device: torch.device, dtype: torch.dtype, M: int, K: int, N: int, G: int, has_zeros: bool):
+    """The op's hot path: (backend module, Problem) for a call, cached on the call's plain facts."""
+    return _route(device, dtype, M, K, N, G, has_zeros, os.environ.get(ENV_VAR))
+
+
+@functools.lru_cache(maxsize=8192)
+def _route(device, dtype, M, K, N, G, has_zeros, env_value):
+    p = problem_for(device, dtype, M, K, N, G, has_zeros)
+    return BACKENDS[select(p).backend], p
+
+
 _warned: set = set()
 
 

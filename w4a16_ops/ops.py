@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from . import dispatch
-from .backends import BACKENDS
 from .checks import check_gemm_args
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 _lib = torch.library.Library("w4a16", "FRAGMENT")
 _lib.define("gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros) -> Tensor")
@@ -21,14 +21,14 @@ _lib.define("gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros) -> Ten
 
 def _gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]) -> Tensor:
     K, N, G = check_gemm_args(x, qweight, scales, zeros)
-    lead = x.shape[:-1]
-    M = x.numel() // K
+    two_d = x.dim() == 2  # the common case skips the reshapes (host overhead matters in decode)
+    M = x.shape[0] if two_d else x.numel() // K
     if M == 0:
-        return x.new_empty((*lead, N))
-    p = dispatch.problem_for(x.device, x.dtype, M, K, N, G, zeros is not None)
+        return x.new_empty((*x.shape[:-1], N))
+    backend, p = dispatch.route(x.device, x.dtype, M, K, N, G, zeros is not None)
     out = x.new_empty((M, N))
-    BACKENDS[dispatch.select(p).backend].gemm(x.reshape(M, K), qweight, scales, zeros, p, out)
-    return out.view(*lead, N)
+    backend.gemm(x if two_d else x.reshape(M, K), qweight, scales, zeros, p, out)
+    return out if two_d else out.view(*x.shape[:-1], N)
 
 
 # One implementation for every device key: the choice of kernel is made inside, per call.
@@ -41,23 +41,39 @@ def _gemm_fake(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tenso
     return x.new_empty((*x.shape[:-1], N))
 
 
-# Gradient with respect to x only (the packed weight is frozen): dx = dy @ W^T.
-def _setup_context(ctx, inputs, output):
-    x, qweight, scales, zeros = inputs
-    ctx.save_for_backward(qweight, scales, zeros)
-    ctx.K = x.shape[-1]
+# Gradient with respect to x only (the packed weight is frozen): dx = dy @ W^T. A hand-written
+# Autograd kernel rather than torch.library.register_autograd: when no gradient is needed it goes
+# straight below autograd, which halves the op's eager host overhead in inference.
+class _GemmFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qweight, scales, zeros):
+        ctx.save_for_backward(qweight, scales, zeros)
+        ctx.K = x.shape[-1]
+        with torch._C._AutoDispatchBelowAutograd():
+            return torch.ops.w4a16.gemm(x, qweight, scales, zeros)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .format import dequantize
+
+        qweight, scales, zeros = ctx.saved_tensors
+        w = dequantize(qweight, scales, zeros, ctx.K, torch.float32)
+        return (grad.to(torch.float32) @ w.t()).to(grad.dtype), None, None, None
 
 
-def _backward(ctx, grad):
-    from .format import dequantize
+def _gemm_autograd(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor]) -> Tensor:
+    if x.requires_grad and torch.is_grad_enabled():
+        return _GemmFunction.apply(x, qweight, scales, zeros)
+    if type(x) is Tensor and not x.is_meta and _current_dispatch_mode() is None:
+        # Plain tensors and no mode (fake, functionalization, tracing) active: every key below
+        # autograd would fall through to _gemm, so call it and skip a second trip through the
+        # dispatcher.
+        return _gemm(x, qweight, scales, zeros)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.w4a16.gemm(x, qweight, scales, zeros)
 
-    qweight, scales, zeros = ctx.saved_tensors
-    w = dequantize(qweight, scales, zeros, ctx.K, torch.float32)
-    dx = (grad.to(torch.float32) @ w.t()).to(grad.dtype) if ctx.needs_input_grad[0] else None
-    return dx, None, None, None
 
-
-torch.library.register_autograd("w4a16::gemm", _backward, setup_context=_setup_context)
+_lib.impl("gemm", _gemm_autograd, "Autograd")
 
 
 def gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor] = None) -> Tensor:
