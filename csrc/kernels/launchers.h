@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cuda_runtime.h>
+#include <stddef.h>
 #include <stdint.h>
 
 namespace w4a16 {
@@ -9,5 +10,44 @@ namespace w4a16 {
 // out: float [k_tiles * 16, n_tiles * 64], the symmetric (q - 8) weight as the tensor cores see it.
 cudaError_t launch_format_probe(const int32_t* qweight, float* out, int k_tiles, int n_tiles, bool bf16,
                                 cudaStream_t stream);
+
+
+// ---- The W4A16 GEMM (gemm_*.cu). out[M, N] = x[M, K] @ dequantize(qweight, scales, zeros). ----
+
+// One call's tensors and shape. x: [M, K] rows lda elements apart (lda % 8 == 0, x 16-byte aligned, K % 8 == 0);
+// qweight: the packed format (int32 [ceil(K/16), ceil(N/64)*128]); scales: T [K/G, N]; zeros: int32 [K/G, N/8] or
+// nullptr (symmetric, z = 8); out: T [M, N], rows ldo elements apart. T is bf16 when bf16, else fp16.
+struct GemmArgs {
+  const void* x;
+  int64_t lda;
+  const int32_t* qweight;
+  const void* scales;
+  const int32_t* zeros;
+  void* out;
+  int64_t ldo;
+  int M, K, N, G;
+  bool bf16;
+};
+
+// How a call is cut up (plan_gemm). The grid walks m_chunks x n_cols x k_iters iterations in stripes of ipb.
+struct GemmPlan {
+  int mb;        // 16-row mma blocks per M chunk (1..4)
+  int wn;        // warps along N (2 or 4): the block owns 64 * wn columns, 8 / wn warps split its K slice
+  int m_chunks, n_cols, k_iters, total, ipb, grid;
+  int rows_alloc;     // rows of one reduction slot: min(M, 16 * mb)
+  int64_t ws_floats;  // float workspace the launch needs (0: no column is split between blocks)
+  int64_t locks;      // int32 counters the launch needs, all zero before and after it
+  int smem_bytes;
+};
+
+// force_wn: 0 = the default for this M, else 2 or 4. num_sms: multiprocessors of the device.
+GemmPlan plan_gemm(int M, int K, int N, int G, int num_sms, int force_wn);
+
+// ws: ws_floats floats (any contents); locks: plan.locks zeros (left zero). Asynchronous on stream.
+cudaError_t launch_gemm(const GemmArgs& args, const GemmPlan& plan, float* ws, int* locks, cudaStream_t stream);
+
+// w: T [K, N] row-major = dequantize(qweight, scales, zeros), each element rounded to T once.
+cudaError_t launch_dequantize(const int32_t* qweight, const void* scales, const int32_t* zeros, void* w, int K, int N,
+                              int G, bool bf16, cudaStream_t stream);
 
 }  // namespace w4a16

@@ -1,6 +1,14 @@
-"""CUDA C++ backend: the Marlin-class kernel in csrc/, compiled by setup.py into w4a16_ops._C.
+"""CUDA C++ backend: the Marlin-class kernel in csrc/kernels/gemm*.cu, compiled by setup.py into w4a16_ops._C.
 
-Filled in by the CUDA backend work; until the extension is built this backend reports why not.
+Two strategies, chosen by M inside gemm():
+- M < DEQUANT_MIN_M: the fused kernel (torch.ops.w4a16._cuda_gemm): cp.async pipeline, lop3 dequantization,
+  mma.sync, striped partition over all SMs with a deterministic cross-block reduction. Serves every shape the
+  format allows (N % 64 != 0 by masking, K tails by zero-filled x; K % 8 != 0 by padding x).
+- M >= DEQUANT_MIN_M: dequantize the weight once (torch.ops.w4a16._cuda_dequantize) and run a dense torch.mm.
+
+The lock counters the fused kernel needs are zero before and after every launch (the kernel resets them); they are
+cached per (device, stream) so concurrent streams never share them. Inside a CUDA-graph capture with no cached
+buffer for the capturing stream, a fresh zeroed buffer is made (its memset is part of the graph).
 """
 
 from __future__ import annotations
@@ -9,8 +17,16 @@ import functools
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 NAME = "cuda"
+
+# From this M on, dequantize + dense GEMM beats the fused mma.sync kernel (measured on an H100: notes/cuda.md).
+DEQUANT_MIN_M = 1024
+# Tuning knob (tests and scripts/cuda_timing.py): 0 = the kernel's default tiling, 2 or 4 = warps along N.
+FORCE_WN = 0
+
+_GROUPS = (32, 64, 128, 256)
 
 
 @functools.lru_cache(maxsize=None)
@@ -21,8 +37,56 @@ def availability() -> Optional[str]:
 
 
 def unsupported_reason(p) -> Optional[str]:
-    return "the CUDA kernel is not implemented yet"
+    """None if the CUDA kernel serves p. Pure: no device queries, no imports of the extension."""
+    if p.device_type != "cuda":
+        return f"the CUDA kernel runs on CUDA devices only (the tensors are on {p.device_type})"
+    if p.capability is None or tuple(p.capability) < (8, 0):
+        cap = "unknown" if p.capability is None else f"sm_{p.capability[0]}{p.capability[1]}"
+        return f"the CUDA kernel needs compute capability >= 8.0 (mma.sync bf16, cp.async); this GPU is {cap}"
+    if p.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA kernel takes float16 or bfloat16 x, got {p.dtype}"
+    if p.G != p.K and p.G not in _GROUPS:
+        return f"group size G = {p.G} is not one of 32, 64, 128, 256 or K = {p.K}"
+    if p.N % 8:
+        return f"N = {p.N} is not a multiple of 8"
+    if max(p.M, p.K, p.N) >= 2**31:
+        return f"a dimension does not fit in int32 (M = {p.M}, K = {p.K}, N = {p.N})"
+    return None
+
+
+_locks_cache: dict = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device)
+    key = (device.index, stream.cuda_stream)
+    buf = _locks_cache.get(key)
+    if buf is None or buf.numel() < n:
+        if torch.cuda.is_current_stream_capturing():
+            # Memory allocated during a capture belongs to the graph: use it for this call only.
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _locks_cache[key] = buf
+    return buf
+
+
+def _x_ready(x2d: torch.Tensor) -> torch.Tensor:
+    """x as the kernel reads it: rows contiguous, 16-byte aligned, 8 elements apart, K a multiple of 8."""
+    M, K = x2d.shape
+    if K % 8:
+        return F.pad(x2d, (0, 8 - K % 8))  # channelwise only (any G >= 32 divides K): the zero columns add nothing
+    if x2d.stride(1) != 1 or (M > 1 and x2d.stride(0) % 8) or x2d.data_ptr() % 16:
+        return x2d.contiguous()
+    return x2d
 
 
 def gemm(x2d, qweight, scales, zeros, p, out):
-    raise NotImplementedError("the CUDA kernel is not implemented yet")
+    if p.M >= DEQUANT_MIN_M:
+        w = torch.empty((p.K, p.N), dtype=x2d.dtype, device=x2d.device)
+        torch.ops.w4a16._cuda_dequantize(qweight, scales, zeros, w)
+        torch.mm(x2d, w, out=out)
+        return
+    xk = _x_ready(x2d)
+    # m_chunks * n_cols counters at most: ceil(M / 64) chunks of M, ceil(N / 64) column tiles.
+    locks = _locks(x2d.device, -(-p.M // 64) * -(-p.N // 64))
+    torch.ops.w4a16._cuda_gemm(xk, qweight, scales, zeros, out, locks, FORCE_WN)

@@ -1,0 +1,144 @@
+// torch binding of the CUDA W4A16 GEMM (csrc/kernels/gemm*.cu). Private ops, called by w4a16_ops/backends/cuda.py
+// from inside the public op's opaque body:
+//
+//   _cuda_gemm(x, qweight, scales, zeros, out, locks, wn=0) -> ()
+//       out[M, N] = x[M, K] @ dequantize(...). locks: int32 counters, all zero; the kernel leaves them zero (so the
+//       schema does not declare them mutated). The float workspace comes from PyTorch's caching allocator, on the
+//       current stream, and needs no initial contents. wn: 0 = default tiling, 2 or 4 forces it (tuning).
+//   _cuda_dequantize(qweight, scales, zeros, w) -> ()
+//       w[K, N] (x.dtype, contiguous) = dequantize(...), for the large-M path (dequantize once + dense GEMM).
+//   _cuda_gemm_plan(M, K, N, G, wn=0) -> int[]
+//       the partition the kernel would use on the current device (tests and tuning).
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "launchers.h"
+
+namespace {
+
+void check_weights(const char* op, const at::Tensor& qweight, const at::Tensor& scales,
+                   const std::optional<at::Tensor>& zeros, int64_t K, const at::Device& device, bool need_k8) {
+  TORCH_CHECK(scales.device() == device && qweight.device() == device, op,
+              ": qweight and scales must be on the device of the other arguments (", device, "), got ",
+              qweight.device(), " and ", scales.device());
+  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kBFloat16, op,
+              ": scales must be float16 or bfloat16, got ", scales.scalar_type());
+  TORCH_CHECK(scales.dim() == 2 && scales.is_contiguous(), op, ": scales must be contiguous [K / G, N], got ",
+              scales.sizes(), " strides ", scales.strides());
+  const int64_t ng = scales.size(0), N = scales.size(1);
+  TORCH_CHECK(ng > 0 && K > 0 && K % ng == 0, op, ": K = ", K, " must be a positive multiple of scales.shape[0] = ", ng);
+  const int64_t G = K / ng;
+  TORCH_CHECK(ng == 1 || G == 32 || G == 64 || G == 128 || G == 256, op, ": group size ", G,
+              " is not supported (32, 64, 128, 256 or K)");
+  TORCH_CHECK(N > 0 && N % 8 == 0, op, ": N = ", N, " must be a positive multiple of 8");
+  TORCH_CHECK(!need_k8 || K % 8 == 0, op, ": K = ", K, " must be a multiple of 8 (pad x and K first)");
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && qweight.dim() == 2 &&
+                  qweight.size(0) == (K + 15) / 16 && qweight.size(1) == (N + 63) / 64 * 128,
+              op, ": qweight must be contiguous int32 [", (K + 15) / 16, ", ", (N + 63) / 64 * 128, "], got ",
+              qweight.scalar_type(), " ", qweight.sizes());
+  if (zeros.has_value()) {
+    const at::Tensor& z = *zeros;
+    TORCH_CHECK(z.device() == device && z.scalar_type() == at::kInt && z.is_contiguous() && z.dim() == 2 &&
+                    z.size(0) == ng && z.size(1) == N / 8,
+                op, ": zeros must be contiguous int32 [", ng, ", ", N / 8, "] on ", device, ", got ", z.scalar_type(),
+                " ", z.sizes(), " on ", z.device());
+  }
+  TORCH_CHECK(device.is_cuda(), op, ": tensors must be on a CUDA device, got ", device);
+}
+
+const cudaDeviceProp* device_props(const char* op) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(prop->major >= 8, op, ": needs compute capability >= 8.0 (mma.sync bf16, cp.async), this GPU is sm_",
+              prop->major, prop->minor);
+  return prop;
+}
+
+void cuda_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+               const std::optional<at::Tensor>& zeros, at::Tensor& out, const at::Tensor& locks, int64_t wn) {
+  constexpr const char* op = "w4a16._cuda_gemm";
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  check_weights(op, qweight, scales, zeros, K, x.device(), true);
+  const int64_t N = scales.size(1);
+  TORCH_CHECK(x.scalar_type() == scales.scalar_type(), op, ": x and scales must have one dtype, got ",
+              x.scalar_type(), " and ", scales.scalar_type());
+  TORCH_CHECK(x.stride(1) == 1 && (M <= 1 || x.stride(0) % 8 == 0) &&
+                  reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0,
+              op, ": x rows must be contiguous, 16-byte aligned and 8 elements apart, got strides ", x.strides());
+  TORCH_CHECK(out.device() == x.device() && out.scalar_type() == x.scalar_type() && out.is_contiguous() &&
+                  out.dim() == 2 && out.size(0) == M && out.size(1) == N,
+              op, ": out must be contiguous ", x.scalar_type(), " [", M, ", ", N, "] on ", x.device(), ", got ",
+              out.scalar_type(), " ", out.sizes(), " on ", out.device());
+  TORCH_CHECK(M < (1LL << 31) && K < (1LL << 31) && N < (1LL << 31), op, ": dimensions must fit in int32");
+  if (M == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaDeviceProp* prop = device_props(op);
+  const w4a16::GemmPlan plan = w4a16::plan_gemm(int(M), int(K), int(N), int(K / scales.size(0)),
+                                                prop->multiProcessorCount, int(wn));
+  TORCH_CHECK(locks.device() == x.device() && locks.scalar_type() == at::kInt && locks.is_contiguous() &&
+                  locks.numel() >= plan.locks,
+              op, ": locks must be contiguous int32 zeros on ", x.device(), " with at least ", plan.locks,
+              " elements, got ", locks.scalar_type(), " ", locks.sizes());
+  at::Tensor ws;
+  if (plan.ws_floats > 0) ws = at::empty({plan.ws_floats}, x.options().dtype(at::kFloat));
+  w4a16::GemmArgs a{};
+  a.x = x.data_ptr();
+  a.lda = M <= 1 ? K : x.stride(0);
+  a.qweight = qweight.data_ptr<int32_t>();
+  a.scales = scales.data_ptr();
+  a.zeros = zeros.has_value() ? zeros->data_ptr<int32_t>() : nullptr;
+  a.out = out.data_ptr();
+  a.ldo = N;
+  a.M = int(M);
+  a.K = int(K);
+  a.N = int(N);
+  a.G = int(K / scales.size(0));
+  a.bf16 = x.scalar_type() == at::kBFloat16;
+  const cudaError_t err = w4a16::launch_gemm(a, plan, plan.ws_floats > 0 ? ws.data_ptr<float>() : nullptr,
+                                             locks.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(err));
+}
+
+void cuda_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                     at::Tensor& w) {
+  constexpr const char* op = "w4a16._cuda_dequantize";
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == scales.scalar_type(), op,
+              ": w must be contiguous [K, N] of the scales' dtype, got ", w.scalar_type(), " ", w.sizes());
+  const int64_t K = w.size(0);
+  check_weights(op, qweight, scales, zeros, K, w.device(), false);
+  TORCH_CHECK(w.size(1) == scales.size(1), op, ": w must have N = ", scales.size(1), " columns, got ", w.size(1));
+  const c10::cuda::CUDAGuard guard(w.device());
+  device_props(op);
+  const cudaError_t err = w4a16::launch_dequantize(
+      qweight.data_ptr<int32_t>(), scales.data_ptr(), zeros.has_value() ? zeros->data_ptr<int32_t>() : nullptr,
+      w.data_ptr(), int(K), int(w.size(1)), int(K / scales.size(0)), w.scalar_type() == at::kBFloat16,
+      at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(err));
+}
+
+std::vector<int64_t> cuda_gemm_plan(int64_t M, int64_t K, int64_t N, int64_t G, int64_t wn) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const w4a16::GemmPlan p = w4a16::plan_gemm(int(M), int(K), int(N), int(G), prop->multiProcessorCount, int(wn));
+  return {p.mb, p.wn, p.m_chunks, p.n_cols, p.k_iters, p.total, p.ipb, p.grid, p.ws_floats, p.locks, p.smem_bytes};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(w4a16, m) {
+  m.def(
+      "_cuda_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor(a!) out, Tensor locks, int wn=0) "
+      "-> ()");
+  m.def("_cuda_dequantize(Tensor qweight, Tensor scales, Tensor? zeros, Tensor(a!) w) -> ()");
+  m.def("_cuda_gemm_plan(int M, int K, int N, int G, int wn=0) -> int[]", &cuda_gemm_plan);
+}
+
+TORCH_LIBRARY_IMPL(w4a16, CUDA, m) {
+  m.impl("_cuda_gemm", &cuda_gemm);
+  m.impl("_cuda_dequantize", &cuda_dequantize);
+}

@@ -1,0 +1,148 @@
+// Host side of the W4A16 GEMM: the partition (plan_gemm), the launch, and the dequantize kernel that the large-M
+// path (dequantize once, then a dense GEMM) uses.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "gemm_kernel.cuh"
+#include "launchers.h"
+
+namespace w4a16 {
+namespace gemm {
+extern template cudaError_t launch_gemm_t<__half>(const KParams&, int, int, int, cudaStream_t);
+extern template cudaError_t launch_gemm_t<__nv_bfloat16>(const KParams&, int, int, int, cudaStream_t);
+}  // namespace gemm
+
+namespace {
+
+int cdiv(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
+
+int log2_exact(int v) {
+  int s = 0;
+  while ((1 << s) < v) ++s;
+  return s;
+}
+
+}  // namespace
+
+GemmPlan plan_gemm(int M, int K, int N, int G, int num_sms, int force_wn) {
+  GemmPlan pl{};
+  const int m16 = cdiv(M, 16);
+  pl.m_chunks = cdiv(m16, 4);
+  pl.mb = cdiv(m16, pl.m_chunks);  // balanced chunks: M = 65 runs as 48 + 17 rows, not 64 + 1
+  pl.wn = (force_wn == 2 || force_wn == 4) ? force_wn : (pl.mb <= 2 ? 2 : 4);
+  const int tn = 64 * pl.wn, slabs = 2 * (8 / pl.wn);
+  const int kt = cdiv(K, 16), nt = cdiv(N, 64);
+  pl.k_iters = cdiv(kt, slabs);
+  pl.n_cols = cdiv(nt, pl.wn);
+  const long long total = (long long)pl.m_chunks * pl.n_cols * pl.k_iters;
+  pl.total = static_cast<int>(total);
+  pl.ipb = cdiv(total, num_sms > 0 ? num_sms : 1);
+  pl.grid = cdiv(total, pl.ipb);
+  pl.rows_alloc = M < 16 * pl.mb ? M : 16 * pl.mb;
+  // Stripes that start and end on column boundaries split no column: no cross-block reduction at all.
+  pl.ws_floats = (pl.ipb % pl.k_iters) ? (int64_t)pl.grid * 2 * pl.rows_alloc * tn : 0;
+  pl.locks = (int64_t)pl.m_chunks * pl.n_cols;
+  pl.smem_bytes = gemm::smem_bytes_of(pl.mb, pl.wn);
+  (void)G;
+  return pl;
+}
+
+cudaError_t launch_gemm(const GemmArgs& a, const GemmPlan& pl, float* ws, int* locks, cudaStream_t stream) {
+  gemm::KParams kp{};
+  kp.x = a.x;
+  kp.lda = a.lda;
+  kp.qweight = reinterpret_cast<const int4*>(a.qweight);
+  kp.scales = a.scales;
+  kp.zeros = reinterpret_cast<const uint32_t*>(a.zeros);
+  kp.out = a.out;
+  kp.ldo = a.ldo;
+  kp.ws = ws;
+  kp.locks = locks;
+  kp.M = a.M;
+  kp.K = a.K;
+  kp.N = a.N;
+  kp.Kt = cdiv(a.K, 16);
+  kp.Nt = cdiv(a.N, 64);
+  kp.ng = a.K / a.G;
+  kp.G = a.G;
+  kp.g_shift = kp.ng > 1 ? log2_exact(a.G) : 0;
+  kp.k_iters = pl.k_iters;
+  kp.n_cols = pl.n_cols;
+  kp.total = pl.total;
+  kp.ipb = pl.ipb;
+  kp.rows_alloc = pl.rows_alloc;
+  kp.evict_first = pl.m_chunks == 1;
+  if (a.M <= 0 || pl.total <= 0) return cudaSuccess;
+  if (a.bf16) return gemm::launch_gemm_t<__nv_bfloat16>(kp, pl.mb, pl.wn, pl.grid, stream);
+  return gemm::launch_gemm_t<__half>(kp, pl.mb, pl.wn, pl.grid, stream);
+}
+
+// ---------------------------------------------------------------- dequantize
+
+namespace {
+
+// One warp per 16 x 64 tile: its lanes dequantize their fragments (as the GEMM does) into shared memory, then write
+// the tile out as 16-byte row pieces of W [K, N].
+template <typename T>
+__global__ void __launch_bounds__(256) dequant_kernel(const int4* __restrict__ qweight, const uint16_t* __restrict__ scales,
+                                                      const uint32_t* __restrict__ zeros, T* __restrict__ w, int K,
+                                                      int N, int Nt, int ng, int G) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using O = gemm::Ops<T>;
+  __shared__ __align__(16) uint16_t tile[8][16][72];  // rows padded to 144 bytes (16-byte aligned)
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+  const int nt = blockIdx.x * 8 + warp, kt = blockIdx.y;
+  if (nt >= Nt) return;  // whole warp; no block-wide barrier below
+  const int4 q = qweight[((size_t)kt * Nt + nt) * 32 + lane];
+  const int g = ng > 1 ? min(kt * 16 / G, ng - 1) : 0;  // a slab never spans two groups (G >= 32 or G = K)
+  const uint32_t words[4] = {uint32_t(q.x), uint32_t(q.y), uint32_t(q.z), uint32_t(q.w)};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    uint32_t zl[2], zh[2], sc[2];
+#pragma unroll
+    for (int blk = 0; blk < 2; ++blk) {
+      const int n = nt * 64 + 16 * j + 8 * blk + gq;
+      const uint32_t s = n < N ? scales[(size_t)g * N + n] : 0u;
+      const uint32_t z = (zeros != nullptr && n < N) ? (zeros[(size_t)g * (N / 8) + n / 8] >> (4 * (n % 8))) & 0xF : 8u;
+      sc[blk] = s | (s << 16);
+      O::zero_bias(z, zl[blk], zh[blk]);
+    }
+    uint32_t f[4];
+    O::dequant(words[j], f, zl[0], zh[0], zl[1], zh[1], sc[0], sc[1]);
+    // f[2 blk + h] holds rows (2 tq, 2 tq + 1) + 8 h of column 16 j + 8 blk + gq.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int col = 16 * j + 8 * (i >> 1) + gq, row = 2 * tq + 8 * (i & 1);
+      tile[warp][row][col] = uint16_t(f[i] & 0xFFFF);
+      tile[warp][row + 1][col] = uint16_t(f[i] >> 16);
+    }
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int idx = lane + 32 * i, r = idx >> 3, ch = idx & 7;
+    const int k = kt * 16 + r, n = nt * 64 + 8 * ch;
+    if (k < K && n < N) *reinterpret_cast<int4*>(w + (size_t)k * N + n) = *reinterpret_cast<const int4*>(&tile[warp][r][8 * ch]);
+  }
+#endif
+}
+
+}  // namespace
+
+cudaError_t launch_dequantize(const int32_t* qweight, const void* scales, const int32_t* zeros, void* w, int K, int N,
+                              int G, bool bf16, cudaStream_t stream) {
+  const int Kt = cdiv(K, 16), Nt = cdiv(N, 64), ng = K / G;
+  if (K <= 0 || N <= 0) return cudaSuccess;
+  dim3 grid(cdiv(Nt, 8), Kt);
+  const int4* q = reinterpret_cast<const int4*>(qweight);
+  const uint16_t* s = static_cast<const uint16_t*>(scales);
+  const uint32_t* z = reinterpret_cast<const uint32_t*>(zeros);
+  if (bf16)
+    dequant_kernel<__nv_bfloat16><<<grid, 256, 0, stream>>>(q, s, z, static_cast<__nv_bfloat16*>(w), K, N, Nt, ng, G);
+  else
+    dequant_kernel<__half><<<grid, 256, 0, stream>>>(q, s, z, static_cast<__half*>(w), K, N, Nt, ng, G);
+  return cudaGetLastError();
+}
+
+}  // namespace w4a16

@@ -1,0 +1,553 @@
+// The W4A16 GEMM kernel (Marlin-class): out[M, N] = x[M, K] @ W, W = (q - z) * s in the packed format of
+// w4a16_ops/format.py. No torch headers: compiles with plain nvcc. Included by gemm_f16.cu / gemm_bf16.cu, which
+// instantiate it for one dtype each (so the two build in parallel).
+//
+// Work split. A thread block (8 warps) owns TN = 64 * WN columns and a K slice of TK = 32 * WK rows per pipeline
+// stage (WK = 8 / WN warps split the stage's 16-row slabs, two slabs each; warp (wn, wk) computes columns
+// [64 wn, 64 wn + 64) of the block's tile). M is cut into chunks of 16 * MB rows. The iteration space
+// m_chunk x n_col x k_iter is walked column by column and cut into equal stripes of ipb iterations, one per block
+// (Marlin's "striped" partition): every SM gets the same amount of weight to stream whatever the shape, and a
+// column whose K range spans several blocks is reduced across them at its end.
+//
+// Pipeline. cp.async copies each stage's weights (L2 evict-first when each weight is read once), x tile, scales and
+// zeros into a ring of STAGES shared-memory buffers, STAGES - 1 ahead of the compute. Weights go smem -> registers
+// with one 16-byte load per lane per 16 x 64 tile (the format is the mma B-fragment order), x with ldmatrix from an
+// XOR-swizzled tile, dequantization with lop3 magic numbers, mma.sync m16n8k16 with fp32 accumulators.
+//
+// Reductions, both deterministic. Inside a block the WK warps that share columns add their partial sums through
+// shared memory in fixed order. Across blocks, each contributor to a split column writes its fp32 partial into its
+// own workspace slot (block, first-or-last column of its stripe), then bumps the column's counter; the block that
+// brings it to the number of contributors adds the slots in contributor order, writes out, and puts the counter
+// back to zero. So the workspace needs no initial state and the counters are zero before and after every launch
+// (CUDA-graph and torch.compile safe; no host synchronization, no allocation here).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "dequant.cuh"
+#include "launchers.h"
+
+namespace w4a16 {
+namespace gemm {
+
+constexpr int kThreads = 256;
+
+// Everything the kernel reads, by value.
+struct KParams {
+  const void* x;
+  long long lda;
+  const int4* qweight;   // [Kt][Nt * 32] int4 (a 16 x 64 tile = 32 int4, lane L's share at int4 L)
+  const void* scales;    // [ng][N]
+  const uint32_t* zeros; // [ng][N / 8] or nullptr
+  void* out;
+  long long ldo;
+  float* ws;
+  int* locks;
+  int M, K, N, Kt, Nt;
+  int ng, g_shift;       // number of groups; log2(G) when ng > 1
+  int G;
+  int k_iters, n_cols, total, ipb, rows_alloc;
+  int evict_first;       // 1: weights are read once (one M chunk): ask L2 to evict them first
+};
+
+// ---------------------------------------------------------------- PTX helpers
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+
+// Copies 16 bytes if valid, else writes 16 zero bytes (src is not read).
+__device__ __forceinline__ void cp_async16_zfill(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async16_hint(void* dst, const void* src, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "l"(policy));
+}
+
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(smem_addr(p)));
+}
+
+// ---------------------------------------------------------------- per-dtype pieces
+
+template <typename T>
+struct Ops;
+
+template <>
+struct Ops<__half> {
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // The zero point z of one column as the two biased constants the dequantization subtracts, each in both halves:
+  // lo = 1024 + z (0x6400 | z), hi = -(64 + z) (0xD400 | z << 4). Exact in fp16.
+  __device__ __forceinline__ static void zero_bias(uint32_t z, uint32_t& lo, uint32_t& hi) {
+    lo = 0x6400u | z;
+    lo |= lo << 16;
+    hi = 0xD400u | (z << 4);
+    hi |= hi << 16;
+  }
+  // One word -> the B fragments of two n8 blocks (a: first, b: second), (q - z) * s, s and z per column.
+  __device__ __forceinline__ static void dequant(uint32_t q, uint32_t (&f)[4], uint32_t zlo_a, uint32_t zhi_a,
+                                                 uint32_t zlo_b, uint32_t zhi_b, uint32_t s_a, uint32_t s_b) {
+    const uint32_t LO = 0x000f000f, HI = 0x00f000f0, EXP = 0x64006400;
+    const uint32_t lo0 = and_or(q, LO, EXP), hi0 = and_or(q, HI, EXP);
+    q >>= 8;
+    const uint32_t lo1 = and_or(q, LO, EXP), hi1 = and_or(q, HI, EXP);
+    const __half2 sixteenth = u2h(0x2C002C00u);
+    // lo: (1024 + n) - (1024 + z); hi: (1024 + 16 n) / 16 - (64 + z); both exact, then one rounding by * s.
+    f[0] = h2u(__hmul2(__hsub2(u2h(lo0), u2h(zlo_a)), u2h(s_a)));
+    f[1] = h2u(__hmul2(__hfma2(u2h(hi0), sixteenth, u2h(zhi_a)), u2h(s_a)));
+    f[2] = h2u(__hmul2(__hsub2(u2h(lo1), u2h(zlo_b)), u2h(s_b)));
+    f[3] = h2u(__hmul2(__hfma2(u2h(hi1), sixteenth, u2h(zhi_b)), u2h(s_b)));
+  }
+  __device__ __forceinline__ static uint32_t pack(float a, float b) { return h2u(__floats2half2_rn(a, b)); }
+  __device__ __forceinline__ static __half2 u2h(uint32_t u) {
+    __half2 h;
+    memcpy(&h, &u, 4);
+    return h;
+  }
+  __device__ __forceinline__ static uint32_t h2u(__half2 h) {
+    uint32_t u;
+    memcpy(&u, &h, 4);
+    return u;
+  }
+};
+
+template <>
+struct Ops<__nv_bfloat16> {
+  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // bf16 has 7 mantissa bits: every nibble is or-ed under 128.0 after a shift; lo = 128 + z (0x4300 | z).
+  __device__ __forceinline__ static void zero_bias(uint32_t z, uint32_t& lo, uint32_t& hi) {
+    lo = 0x4300u | z;
+    lo |= lo << 16;
+    hi = lo;
+  }
+  __device__ __forceinline__ static void dequant(uint32_t q, uint32_t (&f)[4], uint32_t zlo_a, uint32_t /*zhi_a*/,
+                                                 uint32_t zlo_b, uint32_t /*zhi_b*/, uint32_t s_a, uint32_t s_b) {
+    const uint32_t LO = 0x000f000f, EXP = 0x43004300;
+    const uint32_t r0 = and_or(q, LO, EXP), r1 = and_or(q >> 4, LO, EXP), r2 = and_or(q >> 8, LO, EXP),
+                   r3 = and_or(q >> 12, LO, EXP);
+    f[0] = h2u(__hmul2(__hsub2(u2h(r0), u2h(zlo_a)), u2h(s_a)));
+    f[1] = h2u(__hmul2(__hsub2(u2h(r1), u2h(zlo_a)), u2h(s_a)));
+    f[2] = h2u(__hmul2(__hsub2(u2h(r2), u2h(zlo_b)), u2h(s_b)));
+    f[3] = h2u(__hmul2(__hsub2(u2h(r3), u2h(zlo_b)), u2h(s_b)));
+  }
+  __device__ __forceinline__ static uint32_t pack(float a, float b) { return h2u(__floats2bfloat162_rn(a, b)); }
+  __device__ __forceinline__ static __nv_bfloat162 u2h(uint32_t u) {
+    __nv_bfloat162 h;
+    memcpy(&h, &u, 4);
+    return h;
+  }
+  __device__ __forceinline__ static uint32_t h2u(__nv_bfloat162 h) {
+    uint32_t u;
+    memcpy(&u, &h, 4);
+    return u;
+  }
+};
+
+// ---------------------------------------------------------------- compile-time configuration
+
+// MB: 16-row mma blocks per M chunk (1..4). WN: warps along N (2 or 4). STAGES: depth of the cp.async ring.
+template <int MB, int WN, int STAGES>
+struct Cfg {
+  static constexpr int WK = 8 / WN;            // warps splitting each stage's K slice
+  static constexpr int TN = 64 * WN;           // columns per block tile
+  static constexpr int SLABS = 2 * WK;         // 16-row slabs per stage (two per warp)
+  static constexpr int TK = 16 * SLABS;        // K rows per stage
+  static constexpr int MT = 16 * MB;           // rows per M chunk
+  static constexpr int CH = TK / 8;            // 16-byte chunks per x row per stage (8 or 16)
+  static constexpr int SR = TK / 32;           // scale / zero rows per stage (groups of G >= 32)
+  static constexpr int B_INT4 = SLABS * WN * 32;   // weights per stage, in int4 (always 512 = 8 KB)
+  static constexpr int A_INT4 = MT * CH;           // x tile per stage
+  static constexpr int S_INT4 = SR * TN / 8;       // scales per stage (SR rows of TN values)
+  static constexpr int Z_INT4 = SR * TN / 8 / 4;   // zeros per stage (SR rows of TN / 8 words)
+  static constexpr int STAGE_INT4 = B_INT4 + A_INT4 + S_INT4 + Z_INT4;
+  static constexpr int ACC = MB * 8 * 4;           // fp32 accumulators per lane
+  static constexpr int RED_INT4 = (WK - 1) * WN * ACC * 32 / 4;  // intra-block reduction buffer
+  static constexpr int SMEM_BYTES = (STAGES * STAGE_INT4 + RED_INT4) * 16;
+  static_assert(CH >= 8, "the x swizzle needs at least 8 chunks per row");
+  static_assert(B_INT4 % kThreads == 0, "weight copies must divide evenly among threads");
+  static_assert(SR * TN / 8 <= kThreads / 2, "scale / zero copies use half the threads each");
+};
+
+// ---------------------------------------------------------------- the kernel
+
+template <typename T, int MB, int WN, int STAGES>
+__global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const KParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using C = Cfg<MB, WN, STAGES>;
+  using O = Ops<T>;
+  extern __shared__ int4 smem[];
+  int4* red = smem + STAGES * C::STAGE_INT4;
+  __shared__ int last_flag;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wn = warp % WN, wk = warp / WN;
+  const int gq = lane >> 2, tq = lane & 3;  // mma fragment row group / column pair
+  const int start = blockIdx.x * p.ipb;
+  const int end = min(start + p.ipb, p.total);
+  if (start >= end) return;  // cannot happen with plan_gemm's grid; kept for safety (uniform per block)
+  const uint64_t policy = evict_first_policy();
+  const bool has_zeros = p.zeros != nullptr;
+  // Scale row of this warp's two slabs inside a stage (both slabs are in one group since G >= 32).
+  const int srow = (p.ng > 1 && p.G < C::TK) ? (32 * wk) / p.G : 0;
+  const int nrows = (p.ng > 1 && p.G < C::TK) ? C::TK / p.G : 1;  // scale rows each stage needs
+
+  // --- copies of one iteration into one ring slot
+  auto load_stage = [&](int it, int slot) {
+    const int col = it / p.k_iters, kit = it - col * p.k_iters;
+    const int mc = col / p.n_cols, nc = col - mc * p.n_cols;
+    int4* st = smem + slot * C::STAGE_INT4;
+    const int kt0 = kit * C::SLABS, k0 = kt0 * 16;
+#pragma unroll
+    for (int i = 0; i < C::B_INT4 / kThreads; ++i) {
+      const int idx = tid + kThreads * i;
+      const int s = idx / (WN * 32), w = idx % (WN * 32);
+      const int kt = kt0 + s, tile = nc * WN + (w >> 5);
+      if (kt < p.Kt && tile < p.Nt) {
+        const int4* src = p.qweight + (size_t)kt * p.Nt * 32 + (size_t)tile * 32 + (w & 31);
+        if (p.evict_first)
+          cp_async16_hint(st + idx, src, policy);
+        else
+          cp_async16(st + idx, src);
+      }
+    }
+    int4* as = st + C::B_INT4;
+    const T* x = static_cast<const T*>(p.x);
+#pragma unroll
+    for (int i = 0; i < (C::A_INT4 + kThreads - 1) / kThreads; ++i) {
+      const int idx = tid + kThreads * i;
+      if (idx < C::A_INT4) {
+        const int r = idx / C::CH, ch = idx % C::CH;
+        const int row = mc * C::MT + r, k = k0 + 8 * ch;
+        // Rows past M are left as they are: an mma output row depends only on its own x row, never stored.
+        if (row < p.M) {
+          const bool valid = k < p.K;
+          cp_async16_zfill(as + r * C::CH + (ch ^ (r & 7)), x + (size_t)row * p.lda + (valid ? k : 0), valid);
+        }
+      }
+    }
+    const int g0 = p.ng > 1 ? (k0 >> p.g_shift) : 0;
+    if (tid < nrows * (C::TN / 8)) {
+      const int r = tid / (C::TN / 8), ch = tid % (C::TN / 8);
+      const int g = min(g0 + r, p.ng - 1), n = nc * C::TN + 8 * ch;
+      if (n < p.N)
+        cp_async16(st + C::B_INT4 + C::A_INT4 + r * (C::TN / 8) + ch,
+                   static_cast<const T*>(p.scales) + (size_t)g * p.N + n);
+    } else if (has_zeros && tid >= kThreads / 2 && tid - kThreads / 2 < nrows * (C::TN / 8)) {
+      const int zi = tid - kThreads / 2;
+      const int r = zi / (C::TN / 8), w = zi % (C::TN / 8);
+      const int g = min(g0 + r, p.ng - 1), wc = nc * (C::TN / 8) + w;
+      if (wc < p.N / 8)
+        cp_async4(reinterpret_cast<uint32_t*>(st + C::B_INT4 + C::A_INT4 + C::S_INT4) + r * (C::TN / 8) + w,
+                  p.zeros + (size_t)g * (p.N / 8) + wc);
+    }
+  };
+
+  float acc[MB][8][4];
+#pragma unroll
+  for (int a = 0; a < MB; ++a)
+#pragma unroll
+    for (int b = 0; b < 8; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+
+  // --- one stage of mma work for this warp
+  auto compute_stage = [&](int slot) {
+    const int4* st = smem + slot * C::STAGE_INT4;
+    const uint16_t* ss = reinterpret_cast<const uint16_t*>(st + C::B_INT4 + C::A_INT4) + srow * C::TN + wn * 64 + gq;
+    const uint32_t* zs = reinterpret_cast<const uint32_t*>(st + C::B_INT4 + C::A_INT4 + C::S_INT4) +
+                         srow * (C::TN / 8) + wn * 8;
+    uint32_t sc[8], zlo[8], zhi[8];  // index 2 j + blk: column 16 j + 8 blk + gq of the warp's 64
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const uint32_t v = ss[8 * i];
+      sc[i] = v | (v << 16);
+    }
+    if (has_zeros) {
+      const uint4 z0 = *reinterpret_cast<const uint4*>(zs), z1 = *reinterpret_cast<const uint4*>(zs + 4);
+      const uint32_t zw[8] = {z0.x, z0.y, z0.z, z0.w, z1.x, z1.y, z1.z, z1.w};
+#pragma unroll
+      for (int i = 0; i < 8; ++i) O::zero_bias((zw[i] >> (4 * gq)) & 0xF, zlo[i], zhi[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) O::zero_bias(8u, zlo[i], zhi[i]);
+    }
+    const char* as = reinterpret_cast<const char*>(st + C::B_INT4);
+#pragma unroll
+    for (int sl = 0; sl < 2; ++sl) {
+      const int s = 2 * wk + sl;
+      const int4 bq = st[(s * WN + wn) * 32 + lane];
+      uint32_t a[MB][4];
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        const int r = mb * 16 + (lane & 15), ch = 2 * s + (lane >> 4);
+        ldmatrix_x4(a[mb], as + 16 * (r * C::CH + (ch ^ (r & 7))));
+      }
+      const uint32_t words[4] = {uint32_t(bq.x), uint32_t(bq.y), uint32_t(bq.z), uint32_t(bq.w)};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t f[4];
+        O::dequant(words[j], f, zlo[2 * j], zhi[2 * j], zlo[2 * j + 1], zhi[2 * j + 1], sc[2 * j], sc[2 * j + 1]);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          O::mma(acc[mb][2 * j], a[mb], f[0], f[1]);
+          O::mma(acc[mb][2 * j + 1], a[mb], f[2], f[3]);
+        }
+      }
+    }
+  };
+
+  // --- end of this block's part of column col: reduce and write out
+  auto finish_column = [&](int col) {
+    if (C::WK > 1) {
+      float* r = reinterpret_cast<float*>(red);
+      if (wk > 0) {
+        float* dst = r + ((wk - 1) * WN + wn) * C::ACC * 32 + lane;
+#pragma unroll
+        for (int a = 0; a < MB; ++a)
+#pragma unroll
+          for (int b = 0; b < 8; ++b)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) dst[((a * 8 + b) * 4 + c) * 32] = acc[a][b][c];
+      }
+      __syncthreads();
+      if (wk == 0) {
+#pragma unroll
+        for (int w = 0; w < C::WK - 1; ++w) {
+          const float* src = r + (w * WN + wn) * C::ACC * 32 + lane;
+#pragma unroll
+          for (int a = 0; a < MB; ++a)
+#pragma unroll
+            for (int b = 0; b < 8; ++b)
+#pragma unroll
+              for (int c = 0; c < 4; ++c) acc[a][b][c] += src[((a * 8 + b) * 4 + c) * 32];
+        }
+      }
+    }
+    const int mc = col / p.n_cols, nc = col - mc * p.n_cols;
+    const int m0 = mc * C::MT, n0 = nc * C::TN + wn * 64;
+    const int rows = min(C::MT, p.M - m0);
+    const bool warp_live = wk == 0 && nc * WN + wn < p.Nt;
+    const int first = (int)(((long long)col * p.k_iters) / p.ipb);
+    const int last = (int)(((long long)(col + 1) * p.k_iters - 1) / p.ipb);
+    T* out = static_cast<T*>(p.out);
+    if (first == last) {  // the whole column is ours
+      if (warp_live) {
+#pragma unroll
+        for (int a = 0; a < MB; ++a)
+#pragma unroll
+          for (int b = 0; b < 8; ++b) {
+            const int n = n0 + 8 * b + 2 * tq, r0 = a * 16 + gq;
+            if (n < p.N) {
+              if (r0 < rows)
+                *reinterpret_cast<uint32_t*>(out + (size_t)(m0 + r0) * p.ldo + n) = O::pack(acc[a][b][0], acc[a][b][1]);
+              if (r0 + 8 < rows)
+                *reinterpret_cast<uint32_t*>(out + (size_t)(m0 + r0 + 8) * p.ldo + n) =
+                    O::pack(acc[a][b][2], acc[a][b][3]);
+            }
+          }
+      }
+      return;
+    }
+    // Split column: our partial into our slot, then count ourselves in.
+    const int my_end = (col == start / p.k_iters) ? 0 : 1;
+    const size_t slot_floats = (size_t)p.rows_alloc * C::TN;
+    if (warp_live) {
+      float* dst = p.ws + ((size_t)blockIdx.x * 2 + my_end) * slot_floats + wn * 64;
+#pragma unroll
+      for (int a = 0; a < MB; ++a)
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+          const int r0 = a * 16 + gq, c = 8 * b + 2 * tq;
+          if (r0 < rows) *reinterpret_cast<float2*>(dst + (size_t)r0 * C::TN + c) = make_float2(acc[a][b][0], acc[a][b][1]);
+          if (r0 + 8 < rows)
+            *reinterpret_cast<float2*>(dst + (size_t)(r0 + 8) * C::TN + c) = make_float2(acc[a][b][2], acc[a][b][3]);
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+      const int prev = atomicAdd(p.locks + col, 1);
+      const int is_last = prev == last - first;
+      if (is_last) p.locks[col] = 0;  // every contributor has counted: back to the initial state
+      last_flag = is_last;
+    }
+    __syncthreads();
+    if (!last_flag) return;
+    __threadfence();
+    if (!warp_live) return;
+    // Our own partial is in our slot too: restart from zero and add the slots in contributor order.
+#pragma unroll
+    for (int a = 0; a < MB; ++a)
+#pragma unroll
+      for (int b = 0; b < 8; ++b)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+    for (int blk = first; blk <= last; ++blk) {  // contributor order: the sum does not depend on timing
+      const int e = (col == (int)(((long long)blk * p.ipb) / p.k_iters)) ? 0 : 1;
+      const float* src = p.ws + ((size_t)blk * 2 + e) * slot_floats + wn * 64;
+#pragma unroll
+      for (int a = 0; a < MB; ++a)
+#pragma unroll
+        for (int b = 0; b < 8; ++b) {
+          const int r0 = a * 16 + gq, c = 8 * b + 2 * tq;
+          if (r0 < rows) {
+            const float2 t = __ldcg(reinterpret_cast<const float2*>(src + (size_t)r0 * C::TN + c));
+            acc[a][b][0] += t.x;
+            acc[a][b][1] += t.y;
+          }
+          if (r0 + 8 < rows) {
+            const float2 t = __ldcg(reinterpret_cast<const float2*>(src + (size_t)(r0 + 8) * C::TN + c));
+            acc[a][b][2] += t.x;
+            acc[a][b][3] += t.y;
+          }
+        }
+    }
+#pragma unroll
+    for (int a = 0; a < MB; ++a)
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        const int n = n0 + 8 * b + 2 * tq, r0 = a * 16 + gq;
+        if (n < p.N) {
+          if (r0 < rows)
+            *reinterpret_cast<uint32_t*>(out + (size_t)(m0 + r0) * p.ldo + n) = O::pack(acc[a][b][0], acc[a][b][1]);
+          if (r0 + 8 < rows)
+            *reinterpret_cast<uint32_t*>(out + (size_t)(m0 + r0 + 8) * p.ldo + n) = O::pack(acc[a][b][2], acc[a][b][3]);
+        }
+      }
+  };
+
+  // --- the pipeline
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (start + s < end) load_stage(start + s, s);
+    cp_async_commit();
+  }
+  int slot = 0;
+  int col = start / p.k_iters, kit = start - col * p.k_iters;
+  for (int it = start; it < end; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // stage `slot` is visible to all; everyone is done with the slot refilled next
+    const int nit = it + STAGES - 1;
+    if (nit < end) load_stage(nit, slot == 0 ? STAGES - 1 : slot - 1);
+    cp_async_commit();
+    if ((col % p.n_cols) * WN + wn < p.Nt) compute_stage(slot);  // warps past the last 64-column tile idle
+    slot = slot + 1 == STAGES ? 0 : slot + 1;
+    if (++kit == p.k_iters || it + 1 == end) {
+      finish_column(col);
+#pragma unroll
+      for (int a = 0; a < MB; ++a)
+#pragma unroll
+        for (int b = 0; b < 8; ++b)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+      if (kit == p.k_iters) {
+        kit = 0;
+        ++col;
+      }
+    }
+  }
+  cp_async_wait<0>();
+#endif
+}
+
+
+// ---------------------------------------------------------------- host side
+
+// Ring depth per configuration: deep for small M (latency-bound streaming), shallower where x tiles are large.
+constexpr int stages_for(int mb, int wn) { return mb == 1 ? 8 : mb == 2 ? 6 : (wn == 4 ? 5 : 4); }
+
+template <int MB, int WN>
+constexpr int smem_bytes() {
+  return Cfg<MB, WN, stages_for(MB, WN)>::SMEM_BYTES;
+}
+
+inline int smem_bytes_of(int mb, int wn) {
+  switch (mb * 10 + wn) {
+    case 12: return smem_bytes<1, 2>();
+    case 14: return smem_bytes<1, 4>();
+    case 22: return smem_bytes<2, 2>();
+    case 24: return smem_bytes<2, 4>();
+    case 32: return smem_bytes<3, 2>();
+    case 34: return smem_bytes<3, 4>();
+    case 42: return smem_bytes<4, 2>();
+    case 44: return smem_bytes<4, 4>();
+  }
+  return -1;
+}
+
+template <typename T, int MB, int WN>
+cudaError_t launch_cfg(const KParams& kp, int grid, cudaStream_t stream) {
+  constexpr int S = stages_for(MB, WN);
+  constexpr int smem = Cfg<MB, WN, S>::SMEM_BYTES;
+  static bool attr_done[64] = {};  // per device; setting it twice is harmless
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev >= 64 || !attr_done[dev]) {
+    err = cudaFuncSetAttribute(gemm_kernel<T, MB, WN, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    if (dev < 64) attr_done[dev] = true;
+  }
+  gemm_kernel<T, MB, WN, S><<<grid, kThreads, smem, stream>>>(kp);
+  return cudaGetLastError();
+}
+
+// The instances of one dtype (defined in gemm_f16.cu / gemm_bf16.cu).
+template <typename T>
+cudaError_t launch_gemm_t(const KParams& kp, int mb, int wn, int grid, cudaStream_t stream) {
+  switch (mb * 10 + wn) {
+    case 12: return launch_cfg<T, 1, 2>(kp, grid, stream);
+    case 14: return launch_cfg<T, 1, 4>(kp, grid, stream);
+    case 22: return launch_cfg<T, 2, 2>(kp, grid, stream);
+    case 24: return launch_cfg<T, 2, 4>(kp, grid, stream);
+    case 32: return launch_cfg<T, 3, 2>(kp, grid, stream);
+    case 34: return launch_cfg<T, 3, 4>(kp, grid, stream);
+    case 42: return launch_cfg<T, 4, 2>(kp, grid, stream);
+    case 44: return launch_cfg<T, 4, 4>(kp, grid, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace gemm
+}  // namespace w4a16

@@ -1,0 +1,191 @@
+"""The CUDA C++ backend against the float64 reference (GPU), and its dispatch rules (CPU).
+
+Every GPU case runs on fresh random data with a NaN-poisoned output (helpers.run_backend), so an element the kernel
+forgets to write fails. Shapes cover M = 1, odd M, M just past the kernel's 16-row blocks and 64-row chunks, both
+strategies (fused kernel below cuda.DEQUANT_MIN_M, dequantize + dense GEMM from it), columns split across blocks,
+N % 64 != 0, K tails, every group size, zeros or not, both dtypes, strided x and leading dims.
+"""
+
+import pytest
+import torch
+
+import w4a16_ops
+from w4a16_ops import dispatch
+from w4a16_ops.backends import cuda as cuda_backend
+from w4a16_ops.problem import Problem
+
+from helpers import assert_close_to_reference, groups_for, make_case, run_backend
+
+DTYPES = [torch.float16, torch.bfloat16]
+DT_ID = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@pytest.fixture
+def cuda_ready():
+    why = cuda_backend.availability()
+    # On a GPU machine the extension must be there: a missing build is a failure, not a skip.
+    assert why is None, f"the CUDA backend is unavailable: {why}"
+
+
+def _check(M, K, N, G, zeros, dtype, **kw):
+    case = make_case(M, K, N, G, zeros=zeros, dtype=dtype, device="cuda", **kw)
+    out = run_backend("cuda", case)
+    return assert_close_to_reference(out, case, f"cuda M={M} K={K} N={N} G={G} zeros={zeros} {DT_ID[dtype]}")
+
+
+# ---------------------------------------------------------------- GPU: correctness grid
+
+M_SWEEP = [1, 3, 16, 17, 33, 64, 65, 127, 256, 4096]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("K,N", [(128, 64), (4096, 4096)])
+@pytest.mark.parametrize("M", M_SWEEP)
+def test_m_sweep(cuda_ready, M, K, N, dtype):
+    _check(M, K, N, 128, M_SWEEP.index(M) % 2 == 1, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("zeros", [False, True], ids=["sym", "zeros"])
+@pytest.mark.parametrize("G", groups_for(1024))
+@pytest.mark.parametrize("M", [1, 33])
+def test_every_group_size(cuda_ready, M, G, zeros, dtype):
+    # N = 320: five 64-column tiles, so the last block tile is half empty under the default 128-column tiling.
+    _check(M, 1024, 320, G, zeros, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "M,K,N,dtype,zeros",
+    [
+        (1, 4096, 14336, torch.float16, False),
+        (16, 4096, 14336, torch.bfloat16, True),
+        (64, 4096, 14336, torch.float16, True),
+        (1, 14336, 4096, torch.bfloat16, False),
+        (16, 14336, 4096, torch.float16, False),
+    ],
+)
+def test_model_layers(cuda_ready, M, K, N, dtype, zeros):
+    _check(M, K, N, 128, zeros, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "K,N,G",
+    [
+        (4096, 2120, 128),  # N % 64 != 0 (masked output columns)
+        (2112, 4096, 64),  # K % 128 != 0 (K tail inside a pipeline stage)
+        (200, 264, 200),  # channelwise, K % 16 == 8 (half a 16-row slab)
+        (100, 72, 100),  # K % 8 != 0: x is padded to K = 104
+        (32, 8, 32),  # the smallest shape the format has
+    ],
+)
+@pytest.mark.parametrize("M", [1, 17, 300])
+def test_unaligned_shapes(cuda_ready, M, K, N, G):
+    dtype = torch.float16 if M % 2 else torch.bfloat16
+    _check(M, K, N, G, M == 17, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("wn", [2, 4])
+@pytest.mark.parametrize("M", [1, 32, 48, 64])
+def test_every_kernel_instance(cuda_ready, monkeypatch, M, wn, dtype):
+    # M = 1 / 32 / 48 / 64 select 1..4 row blocks; wn forces each of the two tilings: all 16 instances run.
+    monkeypatch.setattr(cuda_backend, "FORCE_WN", wn)
+    _check(M, 1024, 704, 64, M == 48, dtype)
+
+
+@pytest.mark.gpu
+def test_strategy_boundary(cuda_ready):
+    m = cuda_backend.DEQUANT_MIN_M
+    for M in (m - 1, m):
+        _check(M, 256, 192, 64, True, torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("M", [1, 16, 2048])
+def test_public_op_strided_and_leading_dims(cuda_ready, monkeypatch, M, dtype):
+    monkeypatch.setenv("W4A16_BACKEND", "cuda")
+    K, N = 512, 384
+    for kw in ({"strided": True}, {"lead": (2, M)}):
+        case = make_case(M, K, N, 64, zeros=True, dtype=dtype, device="cuda", **kw)
+        out = w4a16_ops.gemm(*case.args)
+        assert_close_to_reference(out, case, f"public op {kw}")
+
+
+@pytest.mark.gpu
+def test_dispatch_prefers_cuda(cuda_ready):
+    for K, N in ((4096, 4096), (4096, 2120), (2112, 4096)):
+        d = w4a16_ops.explain(1, K, N, group_size=64 if K == 2112 else 128)
+        assert d.backend == "cuda", d
+
+
+@pytest.mark.gpu
+def test_deterministic_and_locks_left_zero(cuda_ready):
+    # 4096 x 4096 at M = 16 splits every column across blocks (cross-block reduction).
+    M, K, N = 16, 4096, 4096
+    plan = torch.ops.w4a16._cuda_gemm_plan(M, K, N, 128)
+    assert plan[8] > 0, f"expected split columns (a workspace) for this shape, plan {plan}"
+    case = make_case(M, K, N, 128, zeros=True, dtype=torch.float16, device="cuda")
+    outs = [run_backend("cuda", case) for _ in range(3)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:]), "results differ between identical calls"
+    torch.cuda.synchronize()
+    for key, buf in cuda_backend._locks_cache.items():
+        assert int(buf.abs().sum()) == 0, f"lock counters not back to zero for {key}"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay(cuda_ready, monkeypatch):
+    monkeypatch.setenv("W4A16_BACKEND", "cuda")
+    M, K, N = 8, 2048, 1024
+    case = make_case(M, K, N, 128, zeros=False, dtype=torch.bfloat16, device="cuda")
+    x = case.x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        w4a16_ops.gemm(x, *case.args[1:])  # warm-up on the capture stream
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = w4a16_ops.gemm(x, *case.args[1:])
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        expected = w4a16_ops.gemm(x, *case.args[1:])
+        assert torch.equal(y, expected), "graph replay differs from an eager call"
+
+
+# ---------------------------------------------------------------- CPU: dispatch rules
+
+
+def _p(**kw):
+    base = dict(device_type="cuda", capability=(9, 0), dtype=torch.float16, M=1, K=4096, N=4096, G=128, has_zeros=False)
+    base.update(kw)
+    return Problem(**base)
+
+
+def test_rules_serve_aligned_and_unaligned_shapes():
+    for kw in ({}, {"N": 2120}, {"K": 2112, "G": 64}, {"K": 100, "G": 100}, {"capability": (8, 0)}, {"M": 8192}):
+        assert cuda_backend.unsupported_reason(_p(**kw)) is None, kw
+
+
+@pytest.mark.parametrize(
+    "kw,words",
+    [
+        ({"capability": (7, 5)}, "compute capability >= 8.0"),
+        ({"device_type": "cpu", "capability": None}, "CUDA devices only"),
+        ({"G": 16}, "group size G = 16"),
+        ({"dtype": torch.float32}, "float16 or bfloat16"),
+    ],
+)
+def test_forcing_cuda_where_it_cannot_serve_raises(kw, words):
+    p = _p(**kw)
+    assert words in cuda_backend.unsupported_reason(p)
+    with pytest.raises(dispatch.BackendUnavailableError, match="backend 'cuda' was forced") as e:
+        dispatch.check_forced(p, "cuda", {"cuda": None, "triton": None, "reference": None})
+    assert words in str(e.value)
