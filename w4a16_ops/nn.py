@@ -39,6 +39,13 @@ class W4A16Linear(nn.Module):
     zeros int32 (absent when symmetric), perm int64 [in_features] (only for act-order
     checkpoints), bias (optional). The constructor allocates empty buffers of the right shapes, to
     be filled by load_state_dict; the from_* classmethods build filled modules.
+
+    load_state_dict follows the checkpoint: optional buffers it holds (zeros, perm, bias) are adopted
+    and scales / bias take its dtype (lossless); shapes must match. The packed-format version is
+    saved in the state_dict's metadata and checked on load. .float() / .double() leave the scales
+    in their 16-bit dtype (the op accepts nothing else); .half() / .bfloat16() / .to(dtype) with a
+    16-bit dtype convert them. Inputs of another dtype than the scales' are cast for the op and the
+    output cast back (values beyond the 16-bit range become inf).
     """
 
     _version = FORMAT_VERSION  # saved in state_dict metadata, checked on load
@@ -330,10 +337,16 @@ def _skip_fn(skip: SkipSpec) -> Callable[[str, nn.Module], bool]:
         return lambda name, mod: False
     if callable(skip):
         try:
-            nargs = len(inspect.signature(skip).parameters)
+            params = inspect.signature(skip).parameters.values()
+            positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            takes_module = any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 2 and (
+                positional[1].default is inspect.Parameter.empty
+            )
         except (TypeError, ValueError):
-            nargs = 2
-        return (lambda name, mod: bool(skip(name))) if nargs == 1 else (lambda name, mod: bool(skip(name, mod)))
+            takes_module = True
+        if takes_module:
+            return lambda name, mod: bool(skip(name, mod))
+        return lambda name, mod: bool(skip(name))
     patterns = [skip] if isinstance(skip, str) else list(skip)
     for p in patterns:
         if not isinstance(p, str):
