@@ -128,7 +128,7 @@ def test_dispatch_prefers_cuda(cuda_ready):
 def test_deterministic_and_locks_left_zero(cuda_ready):
     # 4096 x 4096 at M = 16 splits every column across blocks (cross-block reduction).
     M, K, N = 16, 4096, 4096
-    plan = torch.ops.w4a16._cuda_gemm_plan(M, K, N, 128)
+    plan = torch.ops.w4a16._cuda_gemm_plan(M, K, N, 128, False)
     assert plan[8] > 0, f"expected split columns (a workspace) for this shape, plan {plan}"
     case = make_case(M, K, N, 128, zeros=True, dtype=torch.float16, device="cuda")
     outs = [run_backend("cuda", case) for _ in range(3)]
@@ -136,6 +136,8 @@ def test_deterministic_and_locks_left_zero(cuda_ready):
     torch.cuda.synchronize()
     for key, buf in cuda_backend._locks_cache.items():
         assert int(buf.abs().sum()) == 0, f"lock counters not back to zero for {key}"
+    for dev, pool in cuda_backend._locks_pool.items():
+        assert all(int(b.abs().sum()) == 0 for b in pool), f"pooled lock counters not zero on device {dev}"
 
 
 @pytest.mark.gpu

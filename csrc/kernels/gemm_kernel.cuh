@@ -91,6 +91,13 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
   return policy;
 }
 
+// (a & b) | c in one instruction. Not volatile (unlike dequant.cuh's): a pure register op the compiler may schedule.
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
@@ -105,7 +112,7 @@ struct Ops;
 template <>
 struct Ops<__half> {
   __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -123,9 +130,9 @@ struct Ops<__half> {
   __device__ __forceinline__ static void dequant(uint32_t q, uint32_t (&f)[4], uint32_t zlo_a, uint32_t zhi_a,
                                                  uint32_t zlo_b, uint32_t zhi_b, uint32_t s_a, uint32_t s_b) {
     const uint32_t LO = 0x000f000f, HI = 0x00f000f0, EXP = 0x64006400;
-    const uint32_t lo0 = and_or(q, LO, EXP), hi0 = and_or(q, HI, EXP);
+    const uint32_t lo0 = lop3_and_or(q, LO, EXP), hi0 = lop3_and_or(q, HI, EXP);
     q >>= 8;
-    const uint32_t lo1 = and_or(q, LO, EXP), hi1 = and_or(q, HI, EXP);
+    const uint32_t lo1 = lop3_and_or(q, LO, EXP), hi1 = lop3_and_or(q, HI, EXP);
     const __half2 sixteenth = u2h(0x2C002C00u);
     // lo: (1024 + n) - (1024 + z); hi: (1024 + 16 n) / 16 - (64 + z); both exact, then one rounding by * s.
     f[0] = h2u(__hmul2(__hsub2(u2h(lo0), u2h(zlo_a)), u2h(s_a)));
@@ -149,7 +156,7 @@ struct Ops<__half> {
 template <>
 struct Ops<__nv_bfloat16> {
   __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -164,8 +171,8 @@ struct Ops<__nv_bfloat16> {
   __device__ __forceinline__ static void dequant(uint32_t q, uint32_t (&f)[4], uint32_t zlo_a, uint32_t /*zhi_a*/,
                                                  uint32_t zlo_b, uint32_t /*zhi_b*/, uint32_t s_a, uint32_t s_b) {
     const uint32_t LO = 0x000f000f, EXP = 0x43004300;
-    const uint32_t r0 = and_or(q, LO, EXP), r1 = and_or(q >> 4, LO, EXP), r2 = and_or(q >> 8, LO, EXP),
-                   r3 = and_or(q >> 12, LO, EXP);
+    const uint32_t r0 = lop3_and_or(q, LO, EXP), r1 = lop3_and_or(q >> 4, LO, EXP), r2 = lop3_and_or(q >> 8, LO, EXP),
+                   r3 = lop3_and_or(q >> 12, LO, EXP);
     f[0] = h2u(__hmul2(__hsub2(u2h(r0), u2h(zlo_a)), u2h(s_a)));
     f[1] = h2u(__hmul2(__hsub2(u2h(r1), u2h(zlo_a)), u2h(s_a)));
     f[2] = h2u(__hmul2(__hsub2(u2h(r2), u2h(zlo_b)), u2h(s_b)));
@@ -211,8 +218,14 @@ struct Cfg {
 
 // ---------------------------------------------------------------- the kernel
 
+// Blocks per SM each instance is built for: MB = 1 needs few registers, so two blocks (16 warps) share an SM.
+template <int MB>
+constexpr int min_blocks() {
+  return MB == 1 ? 2 : 1;
+}
+
 template <typename T, int MB, int WN, int STAGES>
-__global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const KParams p) {
+__global__ void __launch_bounds__(kThreads, min_blocks<MB>()) gemm_kernel(const KParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using C = Cfg<MB, WN, STAGES>;
   using O = Ops<T>;
@@ -232,23 +245,44 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const KParams p) {
   const int srow = (p.ng > 1 && p.G < C::TK) ? (32 * wk) / p.G : 0;
   const int nrows = (p.ng > 1 && p.G < C::TK) ? C::TK / p.G : 1;  // scale rows each stage needs
 
-  // --- copies of one iteration into one ring slot
-  auto load_stage = [&](int it, int slot) {
-    const int col = it / p.k_iters, kit = it - col * p.k_iters;
-    const int mc = col / p.n_cols, nc = col - mc * p.n_cols;
+  // --- copies of one iteration into one ring slot. The loader walks the stripe in order: (kit, nc, mc) of the
+  // next iteration to load are advanced incrementally (no divisions in the loop).
+  int ld_kit, ld_nc, ld_mc;
+  {
+    const int c0 = start / p.k_iters;
+    ld_kit = start - c0 * p.k_iters;
+    ld_mc = c0 / p.n_cols;
+    ld_nc = c0 - ld_mc * p.n_cols;
+  }
+  // This thread's weight copies per stage: slab b_slab, tile b_tile of the block's WN tiles, offset b_off.
+  int b_off[C::B_INT4 / kThreads], b_slab[C::B_INT4 / kThreads], b_tile[C::B_INT4 / kThreads];
+#pragma unroll
+  for (int i = 0; i < C::B_INT4 / kThreads; ++i) {
+    const int idx = tid + kThreads * i, w = idx % (WN * 32);
+    b_slab[i] = idx / (WN * 32);
+    b_tile[i] = w >> 5;
+    b_off[i] = b_slab[i] * p.Nt * 32 + w;
+  }
+  auto load_stage = [&](int slot) {
+    const int kit = ld_kit, nc = ld_nc, mc = ld_mc;
+    if (++ld_kit == p.k_iters) {
+      ld_kit = 0;
+      if (++ld_nc == p.n_cols) {
+        ld_nc = 0;
+        ++ld_mc;
+      }
+    }
     int4* st = smem + slot * C::STAGE_INT4;
     const int kt0 = kit * C::SLABS, k0 = kt0 * 16;
+    const int4* qbase = p.qweight + (size_t)kt0 * p.Nt * 32 + (size_t)nc * WN * 32;
 #pragma unroll
     for (int i = 0; i < C::B_INT4 / kThreads; ++i) {
-      const int idx = tid + kThreads * i;
-      const int s = idx / (WN * 32), w = idx % (WN * 32);
-      const int kt = kt0 + s, tile = nc * WN + (w >> 5);
-      if (kt < p.Kt && tile < p.Nt) {
-        const int4* src = p.qweight + (size_t)kt * p.Nt * 32 + (size_t)tile * 32 + (w & 31);
+      if (kt0 + b_slab[i] < p.Kt && nc * WN + b_tile[i] < p.Nt) {
+        const int4* src = qbase + b_off[i];
         if (p.evict_first)
-          cp_async16_hint(st + idx, src, policy);
+          cp_async16_hint(st + tid + kThreads * i, src, policy);
         else
-          cp_async16(st + idx, src);
+          cp_async16(st + tid + kThreads * i, src);
       }
     }
     int4* as = st + C::B_INT4;
@@ -313,25 +347,30 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const KParams p) {
       for (int i = 0; i < 8; ++i) O::zero_bias(8u, zlo[i], zhi[i]);
     }
     const char* as = reinterpret_cast<const char*>(st + C::B_INT4);
+    // Both slabs' fragments first (2 x 16-byte weights, 2 x MB ldmatrix), then dequantize + mma.
+    int4 bq[2];
+    uint32_t a[2][MB][4];
 #pragma unroll
     for (int sl = 0; sl < 2; ++sl) {
       const int s = 2 * wk + sl;
-      const int4 bq = st[(s * WN + wn) * 32 + lane];
-      uint32_t a[MB][4];
+      bq[sl] = st[(s * WN + wn) * 32 + lane];
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) {
         const int r = mb * 16 + (lane & 15), ch = 2 * s + (lane >> 4);
-        ldmatrix_x4(a[mb], as + 16 * (r * C::CH + (ch ^ (r & 7))));
+        ldmatrix_x4(a[sl][mb], as + 16 * (r * C::CH + (ch ^ (r & 7))));
       }
-      const uint32_t words[4] = {uint32_t(bq.x), uint32_t(bq.y), uint32_t(bq.z), uint32_t(bq.w)};
+    }
+#pragma unroll
+    for (int sl = 0; sl < 2; ++sl) {
+      const uint32_t words[4] = {uint32_t(bq[sl].x), uint32_t(bq[sl].y), uint32_t(bq[sl].z), uint32_t(bq[sl].w)};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         uint32_t f[4];
         O::dequant(words[j], f, zlo[2 * j], zhi[2 * j], zlo[2 * j + 1], zhi[2 * j + 1], sc[2 * j], sc[2 * j + 1]);
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) {
-          O::mma(acc[mb][2 * j], a[mb], f[0], f[1]);
-          O::mma(acc[mb][2 * j + 1], a[mb], f[2], f[3]);
+          O::mma(acc[mb][2 * j], a[sl][mb], f[0], f[1]);
+          O::mma(acc[mb][2 * j + 1], a[sl][mb], f[2], f[3]);
         }
       }
     }
@@ -460,18 +499,17 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const KParams p) {
   // --- the pipeline
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (start + s < end) load_stage(start + s, s);
+    if (start + s < end) load_stage(s);
     cp_async_commit();
   }
   int slot = 0;
-  int col = start / p.k_iters, kit = start - col * p.k_iters;
+  int col = start / p.k_iters, kit = start - col * p.k_iters, nc = col % p.n_cols;
   for (int it = start; it < end; ++it) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();  // stage `slot` is visible to all; everyone is done with the slot refilled next
-    const int nit = it + STAGES - 1;
-    if (nit < end) load_stage(nit, slot == 0 ? STAGES - 1 : slot - 1);
+    if (it + STAGES - 1 < end) load_stage(slot == 0 ? STAGES - 1 : slot - 1);
     cp_async_commit();
-    if ((col % p.n_cols) * WN + wn < p.Nt) compute_stage(slot);  // warps past the last 64-column tile idle
+    if (nc * WN + wn < p.Nt) compute_stage(slot);  // warps past the last 64-column tile idle
     slot = slot + 1 == STAGES ? 0 : slot + 1;
     if (++kit == p.k_iters || it + 1 == end) {
       finish_column(col);
@@ -484,6 +522,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const KParams p) {
       if (kit == p.k_iters) {
         kit = 0;
         ++col;
+        if (++nc == p.n_cols) nc = 0;
       }
     }
   }
@@ -495,7 +534,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_kernel(const KParams p) {
 // ---------------------------------------------------------------- host side
 
 // Ring depth per configuration: deep for small M (latency-bound streaming), shallower where x tiles are large.
-constexpr int stages_for(int mb, int wn) { return mb == 1 ? 8 : mb == 2 ? 6 : (wn == 4 ? 5 : 4); }
+constexpr int stages_for(int mb, int wn) { return mb == 1 ? 6 : mb == 2 ? 6 : (wn == 4 ? 5 : 4); }
 
 template <int MB, int WN>
 constexpr int smem_bytes() {
@@ -516,35 +555,57 @@ inline int smem_bytes_of(int mb, int wn) {
   return -1;
 }
 
+// Sets the instance's shared-memory limit once per device; returns how many blocks of it fit on one SM.
 template <typename T, int MB, int WN>
-cudaError_t launch_cfg(const KParams& kp, int grid, cudaStream_t stream) {
+cudaError_t prepare_cfg(int* blocks_per_sm) {
   constexpr int S = stages_for(MB, WN);
   constexpr int smem = Cfg<MB, WN, S>::SMEM_BYTES;
-  static bool attr_done[64] = {};  // per device; setting it twice is harmless
+  static int occupancy[64] = {};  // per device, 0 = not prepared yet; a benign race sets it twice
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  if (dev >= 64 || !attr_done[dev]) {
-    err = cudaFuncSetAttribute(gemm_kernel<T, MB, WN, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    if (dev < 64) attr_done[dev] = true;
+  if (dev < 64 && occupancy[dev] > 0) {
+    *blocks_per_sm = occupancy[dev];
+    return cudaSuccess;
   }
-  gemm_kernel<T, MB, WN, S><<<grid, kThreads, smem, stream>>>(kp);
+  err = cudaFuncSetAttribute(gemm_kernel<T, MB, WN, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  int n = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_kernel<T, MB, WN, S>, kThreads, smem);
+  if (err != cudaSuccess) return err;
+  if (n < 1) return cudaErrorInvalidConfiguration;
+  if (dev < 64) occupancy[dev] = n;
+  *blocks_per_sm = n;
+  return cudaSuccess;
+}
+
+template <typename T, int MB, int WN>
+cudaError_t launch_cfg(const KParams& kp, int grid, cudaStream_t stream, int* blocks_per_sm) {
+  int n = 0;
+  cudaError_t err = prepare_cfg<T, MB, WN>(&n);
+  if (err != cudaSuccess) return err;
+  if (blocks_per_sm != nullptr) {  // query only
+    *blocks_per_sm = n;
+    return cudaSuccess;
+  }
+  constexpr int S = stages_for(MB, WN);
+  gemm_kernel<T, MB, WN, S><<<grid, kThreads, Cfg<MB, WN, S>::SMEM_BYTES, stream>>>(kp);
   return cudaGetLastError();
 }
 
-// The instances of one dtype (defined in gemm_f16.cu / gemm_bf16.cu).
+// The instances of one dtype (defined in gemm_f16.cu / gemm_bf16.cu). With blocks_per_sm set, only reports how many
+// blocks of the (mb, wn) instance fit on one SM and launches nothing.
 template <typename T>
-cudaError_t launch_gemm_t(const KParams& kp, int mb, int wn, int grid, cudaStream_t stream) {
+cudaError_t launch_gemm_t(const KParams& kp, int mb, int wn, int grid, cudaStream_t stream, int* blocks_per_sm) {
   switch (mb * 10 + wn) {
-    case 12: return launch_cfg<T, 1, 2>(kp, grid, stream);
-    case 14: return launch_cfg<T, 1, 4>(kp, grid, stream);
-    case 22: return launch_cfg<T, 2, 2>(kp, grid, stream);
-    case 24: return launch_cfg<T, 2, 4>(kp, grid, stream);
-    case 32: return launch_cfg<T, 3, 2>(kp, grid, stream);
-    case 34: return launch_cfg<T, 3, 4>(kp, grid, stream);
-    case 42: return launch_cfg<T, 4, 2>(kp, grid, stream);
-    case 44: return launch_cfg<T, 4, 4>(kp, grid, stream);
+    case 12: return launch_cfg<T, 1, 2>(kp, grid, stream, blocks_per_sm);
+    case 14: return launch_cfg<T, 1, 4>(kp, grid, stream, blocks_per_sm);
+    case 22: return launch_cfg<T, 2, 2>(kp, grid, stream, blocks_per_sm);
+    case 24: return launch_cfg<T, 2, 4>(kp, grid, stream, blocks_per_sm);
+    case 32: return launch_cfg<T, 3, 2>(kp, grid, stream, blocks_per_sm);
+    case 34: return launch_cfg<T, 3, 4>(kp, grid, stream, blocks_per_sm);
+    case 42: return launch_cfg<T, 4, 2>(kp, grid, stream, blocks_per_sm);
+    case 44: return launch_cfg<T, 4, 4>(kp, grid, stream, blocks_per_sm);
   }
   return cudaErrorInvalidValue;
 }

@@ -33,6 +33,7 @@ struct GemmArgs {
 struct GemmPlan {
   int mb;        // 16-row mma blocks per M chunk (1..4)
   int wn;        // warps along N (2 or 4): the block owns 64 * wn columns, 8 / wn warps split its K slice
+  int blocks_per_sm;  // resident blocks per SM the grid is sized for
   int m_chunks, n_cols, k_iters, total, ipb, grid;
   int rows_alloc;     // rows of one reduction slot: min(M, 16 * mb)
   int64_t ws_floats;  // float workspace the launch needs (0: no column is split between blocks)
@@ -40,8 +41,11 @@ struct GemmPlan {
   int smem_bytes;
 };
 
-// force_wn: 0 = the default for this M, else 2 or 4. num_sms: multiprocessors of the device.
-GemmPlan plan_gemm(int M, int K, int N, int G, int num_sms, int force_wn);
+// The partition of one call on the current device. num_sms: its multiprocessors. force_wn: 0 = the default for this
+// M, else 2 or 4. force_bps: 0 = as many blocks per SM as fit, else at most that many. Sets the kernel's
+// shared-memory attribute (once per device), launches nothing.
+cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int force_wn, int force_bps,
+                      GemmPlan* plan);
 
 // ws: ws_floats floats (any contents); locks: plan.locks zeros (left zero). Asynchronous on stream.
 cudaError_t launch_gemm(const GemmArgs& args, const GemmPlan& plan, float* ws, int* locks, cudaStream_t stream);

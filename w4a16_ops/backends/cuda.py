@@ -6,9 +6,11 @@ Two strategies, chosen by M inside gemm():
   format allows (N % 64 != 0 by masking, K tails by zero-filled x; K % 8 != 0 by padding x).
 - M >= DEQUANT_MIN_M: dequantize the weight once (torch.ops.w4a16._cuda_dequantize) and run a dense torch.mm.
 
-The lock counters the fused kernel needs are zero before and after every launch (the kernel resets them); they are
-cached per (device, stream) so concurrent streams never share them. Inside a CUDA-graph capture with no cached
-buffer for the capturing stream, a fresh zeroed buffer is made (its memset is part of the graph).
+The lock counters the fused kernel needs are zero before and after every launch (the kernel resets them), so they
+are allocated once and reused: each (device, stream) gets its own buffer, so concurrent streams never share one.
+Buffers are zeroed outside any CUDA-graph capture, a pool of them at the first call on a device, so a capture on a
+new stream (torch.cuda.graph's own, torch.compile's) takes a pre-zeroed one and records no memset. Only when the
+pool is exhausted (or the very first call is captured) does a capture get a per-call zeroed buffer.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ NAME = "cuda"
 
 # From this M on, dequantize + dense GEMM beats the fused mma.sync kernel (measured on an H100: notes/cuda.md).
 DEQUANT_MIN_M = 1024
-# Tuning knob (tests and scripts/cuda_timing.py): 0 = the kernel's default tiling, 2 or 4 = warps along N.
+# Tuning knobs (tests and scripts/cuda_timing.py): FORCE_WN 0 = the kernel's default tiling, 2 or 4 = warps along
+# N; FORCE_BPS 0 = as many blocks per SM as fit, else at most that many.
 FORCE_WN = 0
+FORCE_BPS = 0
 
 _GROUPS = (32, 64, 128, 256)
 
@@ -54,20 +58,34 @@ def unsupported_reason(p) -> Optional[str]:
     return None
 
 
-_locks_cache: dict = {}
+_LOCKS_PER_BUFFER = 1 << 16  # counters per buffer: ceil(M / 64) * ceil(N / 64) <= 65536 covers M < 1024, N <= 4M
+_POOL_SIZE = 8
+_locks_cache: dict = {}  # (device index, stream) -> int32 buffer, all zero between launches
+_locks_pool: dict = {}  # device index -> pre-zeroed buffers not yet given to a stream
 
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
     stream = torch.cuda.current_stream(device)
     key = (device.index, stream.cuda_stream)
     buf = _locks_cache.get(key)
-    if buf is None or buf.numel() < n:
-        if torch.cuda.is_current_stream_capturing():
-            # Memory allocated during a capture belongs to the graph: use it for this call only.
-            return torch.zeros(n, dtype=torch.int32, device=device)
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    if buf is not None and buf.numel() >= n:
+        return buf
+    capturing = torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        if device.index not in _locks_pool:
+            _locks_pool[device.index] = [
+                torch.zeros(_LOCKS_PER_BUFFER, dtype=torch.int32, device=device) for _ in range(_POOL_SIZE)
+            ]
+        buf = torch.zeros(max(n, _LOCKS_PER_BUFFER), dtype=torch.int32, device=device)
         _locks_cache[key] = buf
-    return buf
+        return buf
+    pool = _locks_pool.get(device.index)
+    if pool and n <= _LOCKS_PER_BUFFER:
+        buf = pool.pop()
+        _locks_cache[key] = buf
+        return buf
+    # Memory allocated during a capture belongs to the graph: use it for this call only (its memset is recorded).
+    return torch.zeros(n, dtype=torch.int32, device=device)
 
 
 def _x_ready(x2d: torch.Tensor) -> torch.Tensor:
@@ -89,4 +107,4 @@ def gemm(x2d, qweight, scales, zeros, p, out):
     xk = _x_ready(x2d)
     # m_chunks * n_cols counters at most: ceil(M / 64) chunks of M, ceil(N / 64) column tiles.
     locks = _locks(x2d.device, -(-p.M // 64) * -(-p.N // 64))
-    torch.ops.w4a16._cuda_gemm(xk, qweight, scales, zeros, out, locks, FORCE_WN)
+    torch.ops.w4a16._cuda_gemm(xk, qweight, scales, zeros, out, locks, FORCE_WN, FORCE_BPS)
