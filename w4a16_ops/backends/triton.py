@@ -126,14 +126,9 @@ def select_config(p) -> dict:
 
 
 def _legalize(cfg: dict, p) -> dict:
-    """Adjust a table entry to the problem's group size (a group must not straddle a K tile of a
-    kernel that applies one scale per tile)."""
-    cfg = dict(cfg)
-    G = p.G
-    if cfg["kernel"] == "dense":
-        if G != p.K:
-            cfg["BLOCK_K"] = min(cfg["BLOCK_K"], G)
-    return cfg
+    """A copy of a table entry (kept as a hook: every table entry is legal for every G, the kernels
+    place group boundaries inside a K tile themselves)."""
+    return dict(cfg)
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,17 +196,11 @@ def launch(x2d, qweight, scales, zeros, p, out, cfg: dict) -> None:
     dst = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=out.device)
     common = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     if cfg["kernel"] == "nibble":
-        if G == 0:
-            mode = 0
-        elif G % BK == 0:
-            mode = 1
-        else:
-            mode = 2
         grid = (triton.cdiv(N, BN), triton.cdiv(M, BM), split)
         tk.nibble_gemm_kernel[grid](
             x2d, qweight, scales, z_arg, dst, M, N, K,
             x2d.stride(0), x2d.stride(1), qweight.shape[1], N, M * N, per,
-            G=G, HAS_ZEROS=has_zeros, SCALE_MODE=mode, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+            G=G, HAS_ZEROS=has_zeros, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
             PARTIAL=split > 1, USE_ASM=_use_asm(p), **common,
         )
     elif cfg["kernel"] == "dense":

@@ -28,9 +28,8 @@ the four x slices (h, b) are cut from the natural x tile. Output rows are n = 64
 Dequantization without int->float conversion: (q | 0x6400) read as fp16 is 1024 + q and (q | 0x4300)
 read as bf16 is 128 + q, both exact; subtracting (MAGIC + 8) gives the exact integer q - 8. The zero
 point enters as a rank-1 correction (q - z = (q - 8) - (z - 8)): acc -= (z - 8) * s * sum_k x. Scales are
-applied to the fp32 accumulator once per K tile when a tile lies inside one group (G % BLOCK_K == 0,
-SCALE_MODE 1) or once at the end for channelwise G = K (SCALE_MODE 0); otherwise (G < BLOCK_K,
-SCALE_MODE 2) each weight is multiplied by its group's scale before the dot.
+applied to the fp32 partial sums of each group (a K tile with several groups runs its dots once per
+group against x with the other groups' rows zeroed) or once at the end for channelwise G = K.
 
 On the GPU (USE_ASM) one inline-asm instance turns a pair of words (the two k columns a thread holds in
 the dot-operand layout) into two f16x2/bf16x2 registers per byte: prmt + 2 lop3 + 2 packed subtracts for
@@ -143,6 +142,36 @@ def _x_slices(xt, S: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _nibble_dots(w00_h0, w00_h1, w01_h0, w01_h1, w10_h0, w10_h1, w11_h0, w11_h1, x00, x01, x10, x11):
+    """The eight nibble dots of one K tile: partial sums for the blk = 0 and blk = 1 output rows."""
+    p0 = tl.dot(w00_h0, x00)
+    p0 = tl.dot(w10_h0, x01, p0)
+    p0 = tl.dot(w00_h1, x10, p0)
+    p0 = tl.dot(w10_h1, x11, p0)
+    p1 = tl.dot(w01_h0, x00)
+    p1 = tl.dot(w11_h0, x01, p1)
+    p1 = tl.dot(w01_h1, x10, p1)
+    p1 = tl.dot(w11_h1, x11, p1)
+    return p0, p1
+
+
+@triton.jit
+def _group_params(s_ptr, z_ptr, g, n0, n1, cc, N, n_lim, HAS_ZEROS: tl.constexpr):
+    """fp32 scales of group g for the two row halves, and (z - 8) (zeros of 8 without zero points)."""
+    s0 = tl.load(s_ptr + g * N + n0, mask=n0 < n_lim, other=0.0).to(tl.float32)
+    s1 = tl.load(s_ptr + g * N + n1, mask=n1 < n_lim, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zw0 = tl.load(z_ptr + g * (N // 8) + n0 // 8, mask=n0 < n_lim, other=0)
+        zw1 = tl.load(z_ptr + g * (N // 8) + n1 // 8, mask=n1 < n_lim, other=0)
+        dz0 = (((zw0 >> (4 * cc)) & 15) - 8).to(tl.float32)
+        dz1 = (((zw1 >> (4 * cc)) & 15) - 8).to(tl.float32)
+    else:
+        dz0 = tl.zeros_like(s0)
+        dz1 = tl.zeros_like(s1)
+    return s0, s1, dz0, dz1
+
+
+@triton.jit
 def nibble_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
     M, N, K,
@@ -153,18 +182,21 @@ def nibble_gemm_kernel(
     k_tiles_per_split,
     G: tl.constexpr,  # group size, 0 = channelwise (one group)
     HAS_ZEROS: tl.constexpr,
-    SCALE_MODE: tl.constexpr,  # 0: channelwise (epilogue), 1: per K tile on acc (G % BLOCK_K == 0), 2: on weights
-    BLOCK_M: tl.constexpr,  # rows of x per program (the dot's N: 16 .. 256)
+    BLOCK_M: tl.constexpr,  # rows of x per program (the dot's N: 16 .. 64)
     BLOCK_N: tl.constexpr,  # output columns per program, multiple of 64 (two dots of BLOCK_N / 2 rows)
     BLOCK_K: tl.constexpr,  # multiple of 64 (each nibble dot has K = BLOCK_K / 4 >= 16)
     PARTIAL: tl.constexpr,  # out_ptr is fp32 split-K partials [split, M, N] (splitk_reduce_kernel sums them)
     USE_ASM: tl.constexpr,
 ):
+    """Scales: channelwise (G = 0) once in the epilogue; otherwise on the fp32 partial sums of each group.
+    A K tile holding NGT > 1 groups runs the eight dots once per group against x with the other groups'
+    rows zeroed: the dequantized weights stay in registers, the tensor cores (idle at small M) do the
+    extra work, and no weight is ever multiplied by a scale."""
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     R: tl.constexpr = BLOCK_N // 2
     Q: tl.constexpr = BLOCK_K // 4
     S: tl.constexpr = BLOCK_K // 16
-    if SCALE_MODE == 2:
+    if G > 0 and G < BLOCK_K:
         NGT: tl.constexpr = BLOCK_K // G  # groups per K tile
     else:
         NGT: tl.constexpr = 1
@@ -180,8 +212,6 @@ def nibble_gemm_kernel(
     jj = r % 4
     n0 = tile * 64 + 16 * jj + cc
     n1 = n0 + 8
-    n0_ok = n0 < N
-    n1_ok = n1 < N
     word_r = tile * 128 + 16 * cc + jj
     tile_ok = tile < stride_qk // 128
     # Columns q = (slab, t4).
@@ -211,82 +241,55 @@ def nibble_gemm_kernel(
         )
         kk = k0 + offs_k
         xt = tl.load(x_row + kk[:, None] * stride_xk, mask=(kk < K)[:, None] & m_ok[None, :], other=0.0)
-        x00, x01, x10, x11 = _x_slices(xt, S, BLOCK_M)
 
         # nibble = 4 b + 2 blk + h; byte E = 2 b + blk holds (h = 0, h = 1).
         w00_h0, w00_h1 = _deq_byte(words, 0, DTYPE, USE_ASM)  # b 0, blk 0
         w01_h0, w01_h1 = _deq_byte(words, 1, DTYPE, USE_ASM)  # b 0, blk 1
         w10_h0, w10_h1 = _deq_byte(words, 2, DTYPE, USE_ASM)  # b 1, blk 0
         w11_h0, w11_h1 = _deq_byte(words, 3, DTYPE, USE_ASM)  # b 1, blk 1
-        if SCALE_MODE == 2:
-            # Per-weight group scales [R, Q] (the group of column q is (k0 + 16 slab) // G).
-            gq = (k0 + 16 * slab_q) // G
-            gq_ok = gq < K // G
-            s0q = tl.load(s_ptr + gq[None, :] * N + n0[:, None], mask=n0_ok[:, None] & gq_ok[None, :], other=0.0)
-            s1q = tl.load(s_ptr + gq[None, :] * N + n1[:, None], mask=n1_ok[:, None] & gq_ok[None, :], other=0.0)
-            w00_h0 = w00_h0 * s0q
-            w00_h1 = w00_h1 * s0q
-            w10_h0 = w10_h0 * s0q
-            w10_h1 = w10_h1 * s0q
-            w01_h0 = w01_h0 * s1q
-            w01_h1 = w01_h1 * s1q
-            w11_h0 = w11_h0 * s1q
-            w11_h1 = w11_h1 * s1q
-        p0 = tl.dot(w00_h0, x00)
-        p0 = tl.dot(w10_h0, x01, p0)
-        p0 = tl.dot(w00_h1, x10, p0)
-        p0 = tl.dot(w10_h1, x11, p0)
-        p1 = tl.dot(w01_h0, x00)
-        p1 = tl.dot(w11_h0, x01, p1)
-        p1 = tl.dot(w01_h1, x10, p1)
-        p1 = tl.dot(w11_h1, x11, p1)
 
-        if SCALE_MODE == 0:
+        if G == 0:
+            x00, x01, x10, x11 = _x_slices(xt, S, BLOCK_M)
+            p0, p1 = _nibble_dots(w00_h0, w00_h1, w01_h0, w01_h1, w10_h0, w10_h1, w11_h0, w11_h1,
+                                  x00, x01, x10, x11)
             acc0 += p0
             acc1 += p1
             if HAS_ZEROS:
                 xsum_all += tl.sum(xt.to(tl.float32), axis=0)
-        elif SCALE_MODE == 1:
-            g = k0 // G
-            s0 = tl.load(s_ptr + g * N + n0, mask=n0_ok, other=0.0).to(tl.float32)
-            s1 = tl.load(s_ptr + g * N + n1, mask=n1_ok, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                xsum = tl.sum(xt.to(tl.float32), axis=0)
-                zw0 = tl.load(z_ptr + g * (N // 8) + n0 // 8, mask=n0_ok, other=0)
-                zw1 = tl.load(z_ptr + g * (N // 8) + n1 // 8, mask=n1_ok, other=0)
-                p0 -= (((zw0 >> (4 * cc)) & 15) - 8).to(tl.float32)[:, None] * xsum[None, :]
-                p1 -= (((zw1 >> (4 * cc)) & 15) - 8).to(tl.float32)[:, None] * xsum[None, :]
-            acc0 += p0 * s0[:, None]
-            acc1 += p1 * s1[:, None]
         else:
-            acc0 += p0
-            acc1 += p1
-            if HAS_ZEROS:
-                for gi in tl.static_range(NGT):
-                    g = k0 // G + gi
-                    kg = k0 + gi * G + tl.arange(0, G)
-                    xg = tl.load(x_row + kg[:, None] * stride_xk, mask=(kg < K)[:, None] & m_ok[None, :], other=0.0)
+            x00, x01, x10, x11 = _x_slices(xt, S, BLOCK_M)
+            for gi in tl.static_range(NGT):
+                g = k0 // G + gi
+                if NGT == 1:
+                    xg = xt
+                    p0, p1 = _nibble_dots(w00_h0, w00_h1, w01_h0, w01_h1, w10_h0, w10_h1, w11_h0, w11_h1,
+                                          x00, x01, x10, x11)
+                else:
+                    xg = tl.where((offs_k // G == gi)[:, None], xt, 0.0)
+                    in_g = (slab_q // (G // 16) == gi)[:, None]  # slice rows q = (slab, t4) of group gi
+                    p0, p1 = _nibble_dots(w00_h0, w00_h1, w01_h0, w01_h1, w10_h0, w10_h1, w11_h0, w11_h1,
+                                          tl.where(in_g, x00, 0.0), tl.where(in_g, x01, 0.0),
+                                          tl.where(in_g, x10, 0.0), tl.where(in_g, x11, 0.0))
+                n_lim = tl.where(g * G < K, N, 0)  # a group past K (last tile) reads nothing
+                s0, s1, dz0, dz1 = _group_params(s_ptr, z_ptr, g, n0, n1, cc, N, n_lim, HAS_ZEROS)
+                if HAS_ZEROS:
                     xsum = tl.sum(xg.to(tl.float32), axis=0)
-                    n_lim = tl.where(g * G < K, N, 0)  # groups past K (last tile) read nothing
-                    s0 = tl.load(s_ptr + g * N + n0, mask=n0 < n_lim, other=0.0).to(tl.float32)
-                    s1 = tl.load(s_ptr + g * N + n1, mask=n1 < n_lim, other=0.0).to(tl.float32)
-                    zw0 = tl.load(z_ptr + g * (N // 8) + n0 // 8, mask=n0 < n_lim, other=0)
-                    zw1 = tl.load(z_ptr + g * (N // 8) + n1 // 8, mask=n1 < n_lim, other=0)
-                    acc0 -= ((((zw0 >> (4 * cc)) & 15) - 8).to(tl.float32) * s0)[:, None] * xsum[None, :]
-                    acc1 -= ((((zw1 >> (4 * cc)) & 15) - 8).to(tl.float32) * s1)[:, None] * xsum[None, :]
+                    p0 -= dz0[:, None] * xsum[None, :]
+                    p1 -= dz1[:, None] * xsum[None, :]
+                acc0 += p0 * s0[:, None]
+                acc1 += p1 * s1[:, None]
 
-    if SCALE_MODE == 0:
-        s0 = tl.load(s_ptr + n0, mask=n0_ok, other=0.0).to(tl.float32)
-        s1 = tl.load(s_ptr + n1, mask=n1_ok, other=0.0).to(tl.float32)
+    if G == 0:
+        s0, s1, dz0, dz1 = _group_params(s_ptr, z_ptr, 0, n0, n1, cc, N, N, HAS_ZEROS)
         if HAS_ZEROS:
-            zw0 = tl.load(z_ptr + n0 // 8, mask=n0_ok, other=0)
-            zw1 = tl.load(z_ptr + n1 // 8, mask=n1_ok, other=0)
-            acc0 -= (((zw0 >> (4 * cc)) & 15) - 8).to(tl.float32)[:, None] * xsum_all[None, :]
-            acc1 -= (((zw1 >> (4 * cc)) & 15) - 8).to(tl.float32)[:, None] * xsum_all[None, :]
+            acc0 -= dz0[:, None] * xsum_all[None, :]
+            acc1 -= dz1[:, None] * xsum_all[None, :]
         acc0 = acc0 * s0[:, None]
         acc1 = acc1 * s1[:, None]
 
     o_off = offs_m[None, :].to(tl.int64) * stride_om
+    n0_ok = n0 < N
+    n1_ok = n1 < N
     if not PARTIAL:
         tl.store(out_ptr + o_off + n0[:, None], acc0.to(DTYPE), mask=n0_ok[:, None] & m_ok[None, :])
         tl.store(out_ptr + o_off + n1[:, None], acc1.to(DTYPE), mask=n1_ok[:, None] & m_ok[None, :])
@@ -324,13 +327,17 @@ def dense_gemm_kernel(
     HAS_ZEROS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # multiple of 64
-    BLOCK_K: tl.constexpr,  # multiple of 16, and G % BLOCK_K == 0 (one group per K tile) unless channelwise
+    BLOCK_K: tl.constexpr,  # multiple of 16; BLOCK_K % G == 0 or G % BLOCK_K == 0
     PARTIAL: tl.constexpr,  # write fp32 split-K partials [split, M, N]
     GROUP_M: tl.constexpr,  # programs along M that share a column block (L2 reuse of weights)
 ):
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     S: tl.constexpr = BLOCK_K // 16
     NT4: tl.constexpr = BLOCK_N // 16
+    if G > 0 and G < BLOCK_K:
+        NGT: tl.constexpr = BLOCK_K // G  # groups per K tile
+    else:
+        NGT: tl.constexpr = 1
 
     # Grouped launch order: GROUP_M row blocks run against the same column blocks.
     pid = tl.program_id(0)
@@ -386,13 +393,17 @@ def dense_gemm_kernel(
             if HAS_ZEROS:
                 wq = wq - dz[:, None]
         else:
-            g = k0 // G
-            s_g = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0)
+            # Groups g0 .. g0 + NGT - 1 of this K tile, scales and zeros as [BLOCK_N, NGT].
+            g = k0 // G + tl.arange(0, NGT)
+            gn_ok = n_ok[:, None] & (g * G < K)[None, :]
+            s_g = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=gn_ok, other=0.0)
+            w3 = tl.reshape(wq, [BLOCK_N, NGT, BLOCK_K // NGT])
             if HAS_ZEROS:
-                zw = tl.load(z_ptr + g * (N // 8) + offs_n // 8, mask=n_ok, other=0)
-                dz = ((((zw >> (4 * (offs_n % 8))) & 15) - 8).to(tl.float32)).to(DTYPE)
-                wq = wq - dz[:, None]
-            wq = wq * s_g[:, None]
+                zw = tl.load(z_ptr + g[None, :] * (N // 8) + (offs_n // 8)[:, None], mask=gn_ok, other=0)
+                dz = ((((zw >> (4 * (offs_n % 8))[:, None]) & 15) - 8).to(tl.float32)).to(DTYPE)
+                w3 = w3 - dz[:, :, None]
+            w3 = w3 * s_g[:, :, None]
+            wq = tl.reshape(w3, [BLOCK_N, BLOCK_K])
         acc = tl.dot(xa, tl.trans(wq), acc)
 
     if G == 0:

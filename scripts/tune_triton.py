@@ -1,0 +1,183 @@
+"""Offline tuning of the Triton backend: time candidate configurations per M and write the table
+w4a16_ops/backends/triton_configs.json ships (the backend never autotunes at call time).
+
+    python scripts/tune_triton.py --out DIR [--write] [--shapes ...] [--ms 1,16,...] [--dtype float16]
+
+Method (benchmarks/timing.py): weights rotated through copies that exceed the L2, all calls of a
+repetition replayed from one CUDA graph, median of the repetitions; dense torch.matmul with 16-bit
+weights timed the same way in the same run. For each M the candidate with the best geometric-mean
+time over the shapes wins (per shape class with --per-class). --write replaces this GPU family's
+entries in the json (other families are kept). DIR gets tune.csv and tune.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import w4a16_ops  # noqa: E402
+from benchmarks.timing import copies_needed, time_rotating  # noqa: E402
+from w4a16_ops import dispatch  # noqa: E402
+from w4a16_ops.backends import triton as tb  # noqa: E402
+
+SHAPES = {
+    "llama3-8b.o": (4096, 4096),
+    "llama3-8b.qkv": (4096, 6144),
+    "llama3-8b.down": (14336, 4096),
+    "llama3-8b.gate_up": (4096, 28672),
+    "K2112.down": (2112, 4096),
+    "N2120": (4096, 2120),
+    "K7392.down": (7392, 4096),
+    "N7400": (4096, 7400),
+    "K14784.down": (14784, 4096),
+}
+DEFAULT_SHAPES = ["llama3-8b.o", "llama3-8b.down", "K7392.down", "N7400", "K14784.down", "N2120"]
+DEFAULT_MS = [1, 16, 32, 64, 128, 256, 1024, 4096]
+
+
+def _nib(bm, bn, bk, w=4, st=4, pps=2, **kw):
+    return dict(kernel="nibble", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st,
+                split_k="auto", programs_per_sm=pps, **kw)
+
+
+def _den(bm, bn, bk, w=8, st=3, gm=8, split=1, pps=1):
+    return dict(kernel="dense", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st, GROUP_M=gm,
+                split_k=split, programs_per_sm=pps)
+
+
+def candidates(M: int):
+    """Configurations worth timing at this M."""
+    if M <= 16:
+        return [_nib(16, 128, 128), _nib(16, 128, 256, st=3), _nib(16, 256, 128, st=3), _nib(16, 128, 128, pps=4),
+                _nib(16, 64, 256), _nib(16, 256, 128, w=8, st=3)]
+    if M <= 32:
+        return [_nib(32, 128, 128), _nib(32, 128, 256, st=3), _nib(32, 256, 128, st=3), _den(32, 128, 64, w=4, st=4, split="auto", pps=2)]
+    if M <= 64:
+        return [_nib(64, 128, 128, st=3), _nib(64, 256, 128, w=8, st=3), _nib(64, 128, 64, pps=1),
+                _den(64, 128, 64, w=4, st=4, split="auto", pps=2), _den(64, 256, 64, w=8, st=3, split="auto")]
+    if M <= 256:
+        return [_den(128, 128, 64, st=3, split="auto"), _den(64, 256, 64, st=3, split="auto"),
+                _den(128, 256, 64, st=3, split="auto")]
+    return [_den(128, 256, 64, st=3), _den(128, 128, 64, st=4), _den(256, 128, 64, st=3), _den(128, 256, 64, st=4, gm=16)]
+
+
+def group_for(K: int, G: int) -> int:
+    for g in (G, 128, 64, 32):
+        if K % g == 0:
+            return g
+    return K
+
+
+def dense_calls(M, K, N, dtype):
+    w = torch.randn(K, N, dtype=dtype, device="cuda")
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    ws = [w] + [w.clone() for _ in range(copies_needed(w.numel() * 2) - 1)]
+    return [lambda w=w: x @ w for w in ws]
+
+
+def triton_calls(M, K, N, G, dtype, cfg):
+    q = torch.randint(0, 16, (N, K), dtype=torch.uint8, device="cuda")
+    scales = (torch.rand(K // G, N, device="cuda") * 0.01 + 0.001).to(dtype)
+    packed = w4a16_ops.pack(q, scales)
+    x = torch.randn(M, K, dtype=dtype, device="cuda")
+    out = torch.empty(M, N, dtype=dtype, device="cuda")
+    p = dispatch.problem_for(x.device, dtype, M, K, N, G, False)
+    n = copies_needed(packed.qweight.numel() * 4 + scales.numel() * 2)
+    ps = [packed] + [w4a16_ops.PackedW4A16(packed.qweight.clone(), scales.clone(), None) for _ in range(n - 1)]
+    return [lambda pk=pk: tb.launch(x, pk.qweight, pk.scales, None, p, out, cfg) for pk in ps]
+
+
+def cfg_name(cfg) -> str:
+    if cfg["kernel"] == "nibble":
+        return f"nib{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}s{cfg['num_stages']}p{cfg['programs_per_sm']}"
+    return (f"den{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}s{cfg['num_stages']}"
+            f"g{cfg['GROUP_M']}{'k' if cfg['split_k'] == 'auto' else ''}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
+    ap.add_argument("--ms", default=",".join(map(str, DEFAULT_MS)))
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--write", action="store_true", help="write the winners into triton_configs.json")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new points after this many seconds")
+    args = ap.parse_args(argv)
+
+    dtype = getattr(torch, args.dtype)
+    shapes = args.shapes.split(",")
+    ms = [int(m) for m in args.ms.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    cap = torch.cuda.get_device_capability()
+    family = tb.gpu_family(cap)
+    print(f"{torch.cuda.get_device_name()} ({family}), torch {torch.__version__}, dtype {args.dtype}", flush=True)
+    t0 = time.time()
+    rows = []
+    best = {}
+    for M in ms:
+        cands = candidates(M)
+        logt = {cfg_name(c): [] for c in cands}
+        for name in shapes:
+            if time.time() - t0 > args.budget_s:
+                print("budget reached", flush=True)
+                break
+            K, N = SHAPES[name]
+            G = group_for(K, args.group)
+            t_dense = time_rotating(dense_calls(M, K, N, dtype), reps=args.reps)
+            line = [f"M={M:5d} {name:16s} G={G:3d} dense {t_dense:8.1f}us"]
+            for c in cands:
+                try:
+                    t = time_rotating(triton_calls(M, K, N, G, dtype, c), reps=args.reps)
+                except Exception as e:  # a config that does not compile or fit: skip it
+                    print(f"  {cfg_name(c)} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                    t = float("inf")
+                logt[cfg_name(c)].append(math.log(t))
+                rows.append(dict(M=M, shape=name, K=K, N=N, G=G, config=cfg_name(c), us=t, dense_us=t_dense,
+                                 ratio=t_dense / t))
+                line.append(f"{cfg_name(c)} {t_dense / t:5.2f}x")
+            print("  ".join(line), flush=True)
+        scored = [(sum(v) / len(v), c) for c, v in zip([logt[cfg_name(c)] for c in cands], cands) if v]
+        if scored:
+            best[M] = min(scored, key=lambda t: t[0])[1]
+            print(f"M={M}: best {cfg_name(best[M])}", flush=True)
+
+    with open(os.path.join(args.out, "tune.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["M"])
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(args.out, "tune.md"), "w") as f:
+        f.write(f"# tune_triton on {torch.cuda.get_device_name()} ({family}), {args.dtype}\n\n")
+        f.write("| M | shape | G | config | us | dense us | ratio |\n|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            f.write(f"| {r['M']} | {r['shape']} | {r['G']} | {r['config']} | {r['us']:.1f} | {r['dense_us']:.1f} | "
+                    f"{r['ratio']:.2f}x |\n")
+    if args.write and best:
+        entries = []
+        ordered = sorted(best)
+        for i, M in enumerate(ordered):
+            e = dict(best[M])
+            if i + 1 < len(ordered):
+                e = {"m_max": M, **e}
+            entries.append(e)
+        table = json.load(open(tb._CONFIG_FILE))
+        table["families"][family] = entries
+        with open(tb._CONFIG_FILE, "w") as f:
+            json.dump(table, f, indent=1)
+            f.write("\n")
+        print(f"wrote {len(entries)} entries for {family} to {tb._CONFIG_FILE}")
+    print(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
