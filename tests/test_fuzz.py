@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 if __name__ == "__main__":  # run as a child process / replay: make the checkout importable
@@ -48,8 +48,7 @@ if __name__ == "__main__":  # run as a child process / replay: make the checkout
 import pytest
 import torch
 
-import w4a16_ops  # noqa: F401  (registers the op)
-from w4a16_ops import dispatch
+from w4a16_ops import dispatch  # (importing w4a16_ops registers the op)
 from w4a16_ops.backends import BACKENDS
 from w4a16_ops.backends.reference import gemm_float64
 from w4a16_ops.format import SUPPORTED_GROUP_SIZES, pack_qweight, pack_zeros, qweight_shape
@@ -219,19 +218,21 @@ def _place_x(data: torch.Tensor, layout: str, rng: random.Random):
     return x, base
 
 
-def _in_buffer(t: torch.Tensor, offset: int):
+def _in_buffer(t: torch.Tensor, offset: int, tail: int = 8):
     """t as a contiguous view at `offset` elements inside a larger buffer whose other bytes are junk (NaN)."""
     n = t.numel()
     if t.dtype.is_floating_point:
-        buf = _nan_full((n + offset + 8,), t.dtype, t.device)
+        buf = _nan_full((n + offset + tail,), t.dtype, t.device)
     else:
-        buf = torch.full((n + offset + 8,), 0x5A5A5A5A, dtype=t.dtype, device=t.device)
+        buf = torch.full((n + offset + tail,), 0x5A5A5A5A, dtype=t.dtype, device=t.device)
     v = buf[offset : offset + n].view(t.shape)
     v.copy_(t)
     return v, buf
 
 
-def build(spec: Spec, device) -> Built:
+def build(spec: Spec, device, tight: bool = False) -> Built:
+    """tight: the weights end where their allocation ends (no junk tail), so compute-sanitizer sees a read
+    past their end (scripts/sanitize_cases.py runs with PyTorch's caching allocator off)."""
     dev = torch.device(device)
     dtype = DTYPES[spec.dtype]
     gen = torch.Generator(device=dev).manual_seed(spec.seed)
@@ -254,11 +255,12 @@ def build(spec: Spec, device) -> Built:
         zeros = pack_zeros(torch.randint(0, 16, (ng, N), generator=gen, device=dev, dtype=torch.uint8))
 
     off = (lambda: local.choice([1, 2, 3, 5])) if spec.w_offset else (lambda: 0)
-    qweight, qbuf = _in_buffer(qweight, off())
-    scales, sbuf = _in_buffer(scales, off())
+    tail = 0 if tight else 8
+    qweight, qbuf = _in_buffer(qweight, off(), tail)
+    scales, sbuf = _in_buffer(scales, off(), tail)
     bases = [qbuf, sbuf]
     if zeros is not None:
-        zeros, zbuf = _in_buffer(zeros, off())
+        zeros, zbuf = _in_buffer(zeros, off(), tail)
         bases.append(zbuf)
 
     data = torch.randn((M, K), generator=gen, device=dev).to(dtype)
@@ -362,14 +364,16 @@ def is_fatal(e: BaseException) -> bool:
     return any(k in s for k in keys) and torch.cuda.is_available()
 
 
-def check_valid(spec: Spec, device, *, interp_ok: bool = False, with_auto: bool = True, forced_p: float = 1.0) -> dict:
-    """Run one valid case on every path. Returns {"paths": [...], "failures": [...], "skipped": [...]}."""
-    b = build(spec, device)
+def check_valid(spec: Spec, device, *, interp_ok: bool = False, with_auto: bool = True, forced_p: float = 1.0,
+                only=None, tight: bool = False) -> dict:
+    """Run one valid case on every path (only: a subset of backend names). Returns
+    {"paths": [...], "failures": [...], "skipped": [...]}."""
+    b = build(spec, device, tight)
     dtype = DTYPES[spec.dtype]
     ref = gemm_float64(*b.args)
     snap = _snapshot(b.bases)
     p = problem_of(b.x, b.scales, b.zeros)
-    names = serving_backends(p, interp_ok=interp_ok)
+    names = [n for n in serving_backends(p, interp_ok=interp_ok) if only is None or n in only]
     res = {"paths": [], "failures": [], "skipped": []}
     for name in dispatch.unavailable_backends():
         if name not in names:
@@ -746,6 +750,8 @@ def child_main(argv=None) -> int:
             emit({"stopped_early": True})
             break
         emit({"begin": i})
+        if os.environ.get("W4A16_FUZZ_CRASH_AT") == str(i):  # test hook: a child dying mid-case (see the CPU test)
+            os.abort()
         try:
             r = run_one(a.kind, a.profile, a.device, a.seed, i)
             if torch.device(a.device).type == "cuda":
@@ -881,6 +887,19 @@ def test_oracle_agrees_with_known_cases():
     x, q, s, z = b.args
     assert contract_violations(x.float(), q, s, z) == ["x must be", "scales must have the dtype"]
     assert "qweight must have shape" in contract_violations(x, q[:-1], s, z)
+
+
+def test_child_process_driver_survives_a_crash(monkeypatch):
+    """The GPU runs go through drive(): a child that dies mid-case is reported with that case and a fresh child
+    goes on from the next one. Exercised here on CPU with a child that aborts at case 2."""
+    monkeypatch.setenv("W4A16_FUZZ_CRASH_AT", "2")
+    s = drive("valid", "interp", "cpu", 5, 120)
+    assert s["cases"] == 5 and s["crashes"] == 1, format_summary(s)
+    assert len(s["failures"]) == 1 and s["failures"][0].startswith("case 2: the process died"), s["failures"]
+    assert sum(v for k, v in s["paths"].items() if k.startswith("reference direct")) >= 3, s["paths"]
+    monkeypatch.delenv("W4A16_FUZZ_CRASH_AT")
+    s = drive("invalid", "cpu", "cpu", 20, 120)
+    assert s["cases"] == 20 and not s["failures"] and not s["crashes"], _fail_message(s)
 
 
 # GPU: budgets for an H100, each part in child processes (see drive()).
