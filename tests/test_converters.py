@@ -335,20 +335,30 @@ def test_compressed_tensors_g_idx_and_errors():
 # On the GPU: the converters are pure PyTorch and run where their inputs are.
 
 
-@pytest.mark.gpu
-def test_converters_on_cuda():
+def converters_on(device: str) -> None:
     K, N, G = 512, 256, 128
     q, z, s = random_logical(K, N, G, sym=False, zero_lo=1, seed=11)
     g_idx = act_order_g_idx(K, G, seed=12)
     qweight, qzeros, scales = make_gptq(q, z, s, version=1, dtype=torch.float16)
     cpu = convert_gptq(qweight, qzeros, scales, g_idx)
-    gpu = convert_gptq(qweight.cuda(), qzeros.cuda(), scales.cuda(), g_idx.cuda())
-    for a, b in zip(cpu.packed, gpu.packed):
-        assert b.is_cuda and torch.equal(a, b.cpu())
-    assert torch.equal(cpu.perm, gpu.perm.cpu())
-    layer = W4A16Linear.from_converted(gpu)
-    x = torch.randn(16, K, dtype=torch.float16, device="cuda")
+    dev = convert_gptq(qweight.to(device), qzeros.to(device), scales.to(device), g_idx.to(device))
+    for a, b in zip(cpu.packed, dev.packed):
+        assert b.device.type == device and torch.equal(a, b.cpu())
+    assert dev.perm.device.type == device and torch.equal(cpu.perm, dev.perm.cpu())
+    layer = W4A16Linear.from_converted(dev)
+    x = torch.randn(16, K, dtype=torch.float16, device=device)
     out = layer(x)
-    assert_close_to_reference(out, Case(x.index_select(-1, gpu.perm), *gpu.packed), "gptq act-order on cuda")
-    awq = convert_awq(pack_along_cols(q, AWQ_ORDER).cuda(), pack_along_cols(z, AWQ_ORDER).cuda(), scales.cuda())
-    assert_close_to_reference(W4A16Linear.from_converted(awq)(x), Case(x, *awq.packed), "awq on cuda")
+    assert_close_to_reference(out, Case(x.index_select(-1, dev.perm), *dev.packed), f"gptq act-order on {device}")
+    awq = convert_awq(pack_along_cols(q, AWQ_ORDER).to(device), pack_along_cols(z, AWQ_ORDER).to(device),
+                      scales.to(device))
+    assert awq.packed.qweight.device.type == device
+    assert_close_to_reference(W4A16Linear.from_converted(awq)(x), Case(x, *awq.packed), f"awq on {device}")
+
+
+def test_converters_device_path_cpu():
+    converters_on("cpu")
+
+
+@pytest.mark.gpu
+def test_converters_on_cuda():
+    converters_on("cuda")

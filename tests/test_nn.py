@@ -40,10 +40,13 @@ def linear(K, N, bias=True, dtype=torch.float16):
 
 
 def reference(layer: W4A16Linear, x: torch.Tensor) -> torch.Tensor:
-    """float64: x[perm] @ dequantize + bias."""
-    xp = x.index_select(-1, layer.perm) if layer.perm is not None else x
-    y = gemm_float64(xp, layer.qweight, layer.scales, layer.zeros)
-    return y + layer.bias.double() if layer.bias is not None else y
+    """float64 on the CPU: x[perm] @ dequantize + bias."""
+    cpu = {n: (t.cpu() if t is not None else None) for n, t in layer.named_buffers()}
+    cpu.update({n: None for n in ("zeros", "perm", "bias") if getattr(layer, n) is None})
+    x = x.cpu()
+    xp = x.index_select(-1, cpu["perm"]) if cpu["perm"] is not None else x
+    y = gemm_float64(xp, cpu["qweight"], cpu["scales"], cpu["zeros"])
+    return y + cpu["bias"].double() if cpu["bias"] is not None else y
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,25 +329,36 @@ def test_torch_compile_fullgraph_cpu():
 # GPU
 
 
-@pytest.mark.gpu
-def test_module_on_cuda():
+def module_on(device: str, compile: bool) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 256), nn.GELU(), nn.Linear(256, 128), nn.Linear(128, 60)).half()
     report = swap_linears(model, group_size=128, symmetric=False)
     assert report.replaced_names == ["0", "2"] and report.skipped_names == ["3"]
     x = torch.randn(8, 512, dtype=torch.float16)
     cpu_out = model(x)
-    model.to("cuda")
-    assert model[0].qweight.is_cuda and "backend(M=1, cuda)=" in repr(model[0])
-    xg = x.cuda()
+    model.to(device)
+    assert model[0].qweight.device.type == device and f"backend(M=1, {device})=" in repr(model[0])
+    xg = x.to(device)
     for layer in (model[0], model[2]):
         inp = xg if layer is model[0] else torch.nn.functional.gelu(model[0](xg))
-        assert rel_err(layer(inp), reference(layer, inp.cpu()).cuda()) <= TOLERANCE[torch.float16]
+        out = layer(inp)
+        assert out.device.type == device
+        assert rel_err(out.cpu(), reference(layer, inp)) <= TOLERANCE[torch.float16]
     assert rel_err(model(xg).cpu(), cpu_out.double()) < 1e-2
-    # A state_dict saved on the GPU loads on the CPU and vice versa.
+    # A state_dict saved on one device loads on the CPU.
     fresh = W4A16Linear(512, 256, 128, symmetric=False, bias=True)
     fresh.load_state_dict(model[0].state_dict())
     assert torch.equal(fresh.qweight, model[0].qweight.cpu())
-    # Single-row decode under torch.compile on the GPU.
-    compiled = torch.compile(model, fullgraph=True)
-    assert rel_err(compiled(xg[:1]), model(xg[:1]).double()) < 1e-2
+    assert torch.equal(fresh.to(device)(xg), model[0](xg))
+    if compile:  # single-row decode under torch.compile
+        compiled = torch.compile(model, fullgraph=True)
+        assert rel_err(compiled(xg[:1]).cpu(), model(xg[:1]).cpu().double()) < 1e-2
+
+
+def test_module_on_cpu_device_path():
+    module_on("cpu", compile=False)
+
+
+@pytest.mark.gpu
+def test_module_on_cuda():
+    module_on("cuda", compile=True)
