@@ -1,7 +1,7 @@
 """One W4A16 shape run a few times through the CUDA backend, for ncu (GPU only):
 
-    ncu --kernel-name regex:gemm_kernel --launch-skip 2 --launch-count 1 python scripts/cuda_profile.py K N M [wn] [bps]
-    python scripts/cuda_profile.py --ncu OUTFILE "K N M [wn] [bps]" ...   # runs ncu on each case, then dumps SASS
+    ncu --kernel-name regex:gemm_kernel --launch-skip 2 --launch-count 1 python scripts/cuda_profile.py K N M [bps]
+    python scripts/cuda_profile.py --ncu OUTFILE "K N M [bps]" ...   # runs ncu on each case, then dumps SASS
 
 Weights are random packed words (timing only); prints the kernel's partition.
 """
@@ -49,10 +49,10 @@ def run_ncu(outfile, cases):
         keep, lines = False, []
         for line in r.stdout.splitlines():
             if "Function :" in line:
-                keep = "gemm_kernelI6__halfLi1ELi2E" in line
+                keep = "gemm_kernelI6__halfLi1E" in line
             if keep:
                 lines.append(line)
-        f.write("==== SASS of the fp16 MB=1 WN=2 instance\n" + "\n".join(lines) + "\n")
+        f.write("==== SASS of the fp16 MB=1 instance\n" + "\n".join(lines) + "\n")
         print(f"SASS: {len(lines)} lines")
 
 
@@ -61,8 +61,8 @@ def main():
         run_ncu(sys.argv[2], sys.argv[3:])
         return
     K, N, M = (int(v) for v in sys.argv[1:4])
-    cb.FORCE_WN = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-    cb.FORCE_BPS = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+    assert cb.availability() is None, cb.availability()  # also loads the extension
+    cb.FORCE_BPS = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     G = 128
     qw = torch.randint(-(2**31), 2**31 - 1, (-(-K // 16), -(-N // 64) * 128), dtype=torch.int32, device="cuda")
     s = ((torch.rand(K // G, N, device="cuda") + 0.5) / math.sqrt(K) / 4).half()
@@ -72,8 +72,8 @@ def main():
     for _ in range(4):
         cb.gemm(x, qw, s, None, p, out)
     torch.cuda.synchronize()
-    plan = torch.ops.w4a16._cuda_gemm_plan(M, K, N, G, False, cb.FORCE_WN, cb.FORCE_BPS)
-    names = "mb wn m_chunks n_cols k_iters total ipb grid ws_floats locks smem_bytes blocks_per_sm".split()
+    plan = torch.ops.w4a16._cuda_gemm_plan(M, K, N, G, False, cb.FORCE_BPS)
+    names = "mb slabs m_chunks n_cols k_iters total ipb grid ws_floats locks smem_bytes blocks_per_sm".split()
     print(f"K={K} N={N} M={M}: " + ", ".join(f"{n}={v}" for n, v in zip(names, plan)))
 
 

@@ -1,13 +1,13 @@
 """Timing of the CUDA backend against torch fp16 matmul, measured the way a model runs them (GPU only):
 
     python scripts/cuda_timing.py [--quick] [--out DIR] [--shapes 4096x4096,...] [--ms 1,16,...]
-                                  [--variants auto,wn2,wn4,fused,dequant,bf16,zeros]
+                                  [--variants auto,bps1,fused,dequant,bf16,zeros]
 
 Weights are rotated through enough copies (> 3x the 50 MB L2) that every call finds them cold; all calls of one
 measurement are captured in one CUDA graph; time per call = median replay time / calls. The fp16 baseline
 (F.linear with an fp16 [N, K] weight, rotated the same way) is timed in the same run. G = 128.
 
-Variants: auto = the op as shipped (fp16 x, symmetric); wn2 / wn4 force the fused kernel's tiling; bps1 one block per SM; fused / dequant
+Variants: auto = the op as shipped (fp16 x, symmetric); bps1 = one block per SM; fused / dequant
 force one strategy; bf16 = bf16 x; zeros = with zero points.
 """
 
@@ -31,8 +31,6 @@ L2_BYTES = 50e6
 G = 128
 VARIANTS = {
     "auto": dict(),
-    "wn2": dict(wn=2, dmin=1 << 30),
-    "wn4": dict(wn=4, dmin=1 << 30),
     "bps1": dict(bps=1, dmin=1 << 30),
     "fused": dict(dmin=1 << 30),
     "dequant": dict(dmin=0),
@@ -120,13 +118,13 @@ def main():
                     packs[(dtype, zeros)] = quant_copies(K, N, dtype, zeros, nq)
                 wq = packs[(dtype, zeros)]
                 x = x16.to(dtype)
-                cb.FORCE_WN, cb.FORCE_BPS = cfg.get("wn", 0), cfg.get("bps", 0)
+                cb.FORCE_BPS = cfg.get("bps", 0)
                 cb.DEQUANT_MIN_M = cfg.get("dmin", DEFAULT_DMIN)
                 nc = max(24, nq)
                 try:
                     t = time_calls([lambda i=i: w4a16_ops.gemm(x, *wq[i % nq]) for i in range(nc)], args.reps)
                 finally:
-                    cb.FORCE_WN, cb.FORCE_BPS, cb.DEQUANT_MIN_M = 0, 0, DEFAULT_DMIN
+                    cb.FORCE_BPS, cb.DEQUANT_MIN_M = 0, DEFAULT_DMIN
                 nbytes = K * N / 2 + 2 * N * K / G + (N * K / (2 * G) if zeros else 0) + 2 * M * K + 2 * M * N
                 row = dict(device=dev, K=K, N=N, M=M, variant=v, fp16_us=round(t16, 2), us=round(t, 2),
                            ratio=round(t16 / t, 3), GBps=round(nbytes / t / 1e3), bw_frac=round(nbytes / t / 1e3 / bw, 3))

@@ -90,11 +90,11 @@ def test_unaligned_shapes(cuda_ready, M, K, N, G):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-@pytest.mark.parametrize("wn", [2, 4])
+@pytest.mark.parametrize("bps", [0, 1])
 @pytest.mark.parametrize("M", [1, 32, 48, 64])
-def test_every_kernel_instance(cuda_ready, monkeypatch, M, wn, dtype):
-    # M = 1 / 32 / 48 / 64 select 1..4 row blocks; wn forces each of the two tilings: all 16 instances run.
-    monkeypatch.setattr(cuda_backend, "FORCE_WN", wn)
+def test_every_kernel_instance(cuda_ready, monkeypatch, M, bps, dtype):
+    # M = 1 / 32 / 48 / 64 select 1..4 row blocks (all 8 instances); bps = 1 runs a coarser partition (fewer blocks).
+    monkeypatch.setattr(cuda_backend, "FORCE_BPS", bps)
     _check(M, 1024, 704, 64, M == 48, dtype)
 
 

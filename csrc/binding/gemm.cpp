@@ -1,15 +1,15 @@
 // torch binding of the CUDA W4A16 GEMM (csrc/kernels/gemm*.cu). Private ops, called by w4a16_ops/backends/cuda.py
 // from inside the public op's opaque body:
 //
-//   _cuda_gemm(x, qweight, scales, zeros, out, locks, wn=0, bps=0) -> ()
+//   _cuda_gemm(x, qweight, scales, zeros, out, locks, bps=0) -> ()
 //       out[M, N] = x[M, K] @ dequantize(...). locks: int32 counters, all zero; the kernel leaves them zero (so the
 //       schema does not declare them mutated). The float workspace comes from PyTorch's caching allocator, on the
-//       current stream, and needs no initial contents. wn: 0 = default tiling, 2 or 4 forces it; bps: 0 = as many
-//       blocks per SM as fit, else at most that many (tuning knobs).
+//       current stream, and needs no initial contents. bps: 0 = as many blocks per SM as fit, else at most that
+//       many (a tuning knob).
 //   _cuda_dequantize(qweight, scales, zeros, w) -> ()
 //       w[K, N] (x.dtype, contiguous) = dequantize(...), for the large-M path (dequantize once + dense GEMM).
-//   _cuda_gemm_plan(M, K, N, G, bf16=False, wn=0, bps=0) -> int[]
-//       the partition the kernel would use on the current device (tests and tuning): mb, wn, m_chunks, n_cols,
+//   _cuda_gemm_plan(M, K, N, G, bf16=False, bps=0) -> int[]
+//       the partition the kernel would use on the current device (tests and tuning): mb, slabs, m_chunks, n_cols,
 //       k_iters, total, ipb, grid, ws_floats, locks, smem_bytes, blocks_per_sm.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -62,8 +62,7 @@ const cudaDeviceProp* device_props(const char* op) {
 }
 
 void cuda_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-               const std::optional<at::Tensor>& zeros, at::Tensor& out, const at::Tensor& locks, int64_t wn,
-               int64_t bps) {
+               const std::optional<at::Tensor>& zeros, at::Tensor& out, const at::Tensor& locks, int64_t bps) {
   constexpr const char* op = "w4a16._cuda_gemm";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.sizes());
   const int64_t M = x.size(0), K = x.size(1);
@@ -84,8 +83,7 @@ void cuda_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   const cudaDeviceProp* prop = device_props(op);
   w4a16::GemmPlan plan{};
   const cudaError_t perr = w4a16::plan_gemm(int(M), int(K), int(N), int(K / scales.size(0)),
-                                            x.scalar_type() == at::kBFloat16, prop->multiProcessorCount, int(wn),
-                                            int(bps), &plan);
+                                            x.scalar_type() == at::kBFloat16, prop->multiProcessorCount, int(bps), &plan);
   TORCH_CHECK(perr == cudaSuccess, op, ": kernel setup failed: ", cudaGetErrorString(perr));
   TORCH_CHECK(locks.device() == x.device() && locks.scalar_type() == at::kInt && locks.is_contiguous() &&
                   locks.numel() >= plan.locks,
@@ -128,24 +126,23 @@ void cuda_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const 
   TORCH_CHECK(err == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(err));
 }
 
-std::vector<int64_t> cuda_gemm_plan(int64_t M, int64_t K, int64_t N, int64_t G, bool bf16, int64_t wn, int64_t bps) {
+std::vector<int64_t> cuda_gemm_plan(int64_t M, int64_t K, int64_t N, int64_t G, bool bf16, int64_t bps) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   w4a16::GemmPlan p{};
-  const cudaError_t err = w4a16::plan_gemm(int(M), int(K), int(N), int(G), bf16, prop->multiProcessorCount, int(wn),
-                                           int(bps), &p);
+  const cudaError_t err = w4a16::plan_gemm(int(M), int(K), int(N), int(G), bf16, prop->multiProcessorCount, int(bps), &p);
   TORCH_CHECK(err == cudaSuccess, "w4a16._cuda_gemm_plan: ", cudaGetErrorString(err));
-  return {p.mb,   p.wn,        p.m_chunks,  p.n_cols, p.k_iters,    p.total,
-          p.ipb,  p.grid,      p.ws_floats, p.locks,  p.smem_bytes, p.blocks_per_sm};
+  return {p.mb,  p.slabs, p.m_chunks,  p.n_cols, p.k_iters,    p.total,
+          p.ipb, p.grid,  p.ws_floats, p.locks,  p.smem_bytes, p.blocks_per_sm};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(w4a16, m) {
   m.def(
-      "_cuda_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor(a!) out, Tensor locks, int wn=0, "
-      "int bps=0) -> ()");
+      "_cuda_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor(a!) out, Tensor locks, int bps=0) "
+      "-> ()");
   m.def("_cuda_dequantize(Tensor qweight, Tensor scales, Tensor? zeros, Tensor(a!) w) -> ()");
-  m.def("_cuda_gemm_plan(int M, int K, int N, int G, bool bf16=False, int wn=0, int bps=0) -> int[]", &cuda_gemm_plan);
+  m.def("_cuda_gemm_plan(int M, int K, int N, int G, bool bf16=False, int bps=0) -> int[]", &cuda_gemm_plan);
 }
 
 TORCH_LIBRARY_IMPL(w4a16, CUDA, m) {

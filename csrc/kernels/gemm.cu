@@ -9,8 +9,8 @@
 
 namespace w4a16 {
 namespace gemm {
-extern template cudaError_t launch_gemm_t<__half>(const KParams&, int, int, int, cudaStream_t, int*);
-extern template cudaError_t launch_gemm_t<__nv_bfloat16>(const KParams&, int, int, int, cudaStream_t, int*);
+extern template cudaError_t launch_gemm_t<__half>(const KParams&, int, int, cudaStream_t, int*);
+extern template cudaError_t launch_gemm_t<__nv_bfloat16>(const KParams&, int, int, cudaStream_t, int*);
 }  // namespace gemm
 
 namespace {
@@ -25,32 +25,29 @@ int log2_exact(int v) {
 
 }  // namespace
 
-cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int force_wn, int force_bps,
-                      GemmPlan* plan) {
+cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int force_bps, GemmPlan* plan) {
   GemmPlan pl{};
   const int m16 = cdiv(M, 16);
   pl.m_chunks = cdiv(m16, 4);
   pl.mb = cdiv(m16, pl.m_chunks);  // balanced chunks: M = 65 runs as 48 + 17 rows, not 64 + 1
-  pl.wn = (force_wn == 2 || force_wn == 4) ? force_wn : (pl.mb <= 2 ? 2 : 4);
   int occupancy = 0;
   gemm::KParams none{};
-  const cudaError_t err = bf16 ? gemm::launch_gemm_t<__nv_bfloat16>(none, pl.mb, pl.wn, 0, nullptr, &occupancy)
-                               : gemm::launch_gemm_t<__half>(none, pl.mb, pl.wn, 0, nullptr, &occupancy);
+  const cudaError_t err = bf16 ? gemm::launch_gemm_t<__nv_bfloat16>(none, pl.mb, 0, nullptr, &occupancy)
+                               : gemm::launch_gemm_t<__half>(none, pl.mb, 0, nullptr, &occupancy);
   if (err != cudaSuccess) return err;
   pl.blocks_per_sm = force_bps > 0 && force_bps < occupancy ? force_bps : occupancy;
-  const int tn = 64 * pl.wn, slabs = 2 * (8 / pl.wn);
-  const int kt = cdiv(K, 16), nt = cdiv(N, 64);
-  pl.k_iters = cdiv(kt, slabs);
-  pl.n_cols = cdiv(nt, pl.wn);
+  pl.slabs = gemm::slabs_of(pl.mb);
+  pl.k_iters = cdiv(cdiv(K, 16), pl.slabs);
+  pl.n_cols = cdiv(cdiv(N, 64), gemm::kWarps);
   const long long total = (long long)pl.m_chunks * pl.n_cols * pl.k_iters;
   pl.total = static_cast<int>(total);
   pl.ipb = cdiv(total, (long long)(num_sms > 0 ? num_sms : 1) * pl.blocks_per_sm);
   pl.grid = cdiv(total, pl.ipb);
   pl.rows_alloc = M < 16 * pl.mb ? M : 16 * pl.mb;
   // Stripes that start and end on column boundaries split no column: no cross-block reduction at all.
-  pl.ws_floats = (pl.ipb % pl.k_iters) ? (int64_t)pl.grid * 2 * pl.rows_alloc * tn : 0;
+  pl.ws_floats = (pl.ipb % pl.k_iters) ? (int64_t)pl.grid * 2 * pl.rows_alloc * gemm::kTileN : 0;
   pl.locks = (int64_t)pl.m_chunks * pl.n_cols;
-  pl.smem_bytes = gemm::smem_bytes_of(pl.mb, pl.wn);
+  pl.smem_bytes = gemm::smem_bytes_of(pl.mb);
   (void)G;
   *plan = pl;
   return cudaSuccess;
@@ -82,8 +79,8 @@ cudaError_t launch_gemm(const GemmArgs& a, const GemmPlan& pl, float* ws, int* l
   kp.rows_alloc = pl.rows_alloc;
   kp.evict_first = pl.m_chunks == 1;
   if (a.M <= 0 || pl.total <= 0) return cudaSuccess;
-  if (a.bf16) return gemm::launch_gemm_t<__nv_bfloat16>(kp, pl.mb, pl.wn, pl.grid, stream, nullptr);
-  return gemm::launch_gemm_t<__half>(kp, pl.mb, pl.wn, pl.grid, stream, nullptr);
+  if (a.bf16) return gemm::launch_gemm_t<__nv_bfloat16>(kp, pl.mb, pl.grid, stream, nullptr);
+  return gemm::launch_gemm_t<__half>(kp, pl.mb, pl.grid, stream, nullptr);
 }
 
 // ---------------------------------------------------------------- dequantize

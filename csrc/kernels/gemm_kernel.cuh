@@ -1,24 +1,25 @@
 // The W4A16 GEMM kernel (Marlin-class): out[M, N] = x[M, K] @ W, W = (q - z) * s in the packed format of
 // w4a16_ops/format.py. No torch headers: compiles with plain nvcc. Included by gemm_f16.cu / gemm_bf16.cu, which
-// instantiate it for one dtype each (so the two build in parallel).
+// instantiate it for one dtype each (so the two build in parallel), four instances each (MB = 1..4).
 //
-// Work split. A thread block (8 warps) owns TN = 64 * WN columns and a K slice of TK = 32 * WK rows per pipeline
-// stage (WK = 8 / WN warps split the stage's 16-row slabs, two slabs each; warp (wn, wk) computes columns
-// [64 wn, 64 wn + 64) of the block's tile). M is cut into chunks of 16 * MB rows. The iteration space
+// Work split. A block is 4 warps side by side along N: it owns 256 columns, each warp one 64-column tile of the
+// format, and every warp streams ALL the 16-row slabs of each pipeline stage for its tile (SLABS = 8 or 4 per stage),
+// so per-stage overhead (barrier, copy setup, scale loads) is spread over 4-8 KB of weights per warp and no
+// reduction inside the block is needed. M is cut into chunks of 16 * MB rows. The iteration space
 // m_chunk x n_col x k_iter is walked column by column and cut into equal stripes of ipb iterations, one per block
-// (Marlin's "striped" partition): every SM gets the same amount of weight to stream whatever the shape, and a
-// column whose K range spans several blocks is reduced across them at its end.
+// (Marlin's "striped" partition; the grid is sized to the blocks that fit on all SMs at once): every SM streams the
+// same amount of weight whatever the shape, and a column whose K range spans several blocks is reduced across them.
 //
-// Pipeline. cp.async copies each stage's weights (L2 evict-first when each weight is read once), x tile, scales and
-// zeros into a ring of STAGES shared-memory buffers, STAGES - 1 ahead of the compute. Weights go smem -> registers
-// with one 16-byte load per lane per 16 x 64 tile (the format is the mma B-fragment order), x with ldmatrix from an
-// XOR-swizzled tile, dequantization with lop3 magic numbers, mma.sync m16n8k16 with fp32 accumulators.
+// Pipeline. cp.async copies each stage's weights (L2 evict-first when each weight is read once; each thread copies
+// exactly the 16 bytes per slab that its own lane will use as mma B fragments), x tile, scales and zeros into a
+// ring of STAGES shared-memory buffers, STAGES - 1 ahead of the compute. x goes through ldmatrix from an
+// XOR-swizzled tile; weights are dequantized with lop3 magic numbers (zero point pre-biased, scale in 16-bit: one
+// rounding); mma.sync m16n8k16 accumulates in fp32.
 //
-// Reductions, both deterministic. Inside a block the WK warps that share columns add their partial sums through
-// shared memory in fixed order. Across blocks, each contributor to a split column writes its fp32 partial into its
-// own workspace slot (block, first-or-last column of its stripe), then bumps the column's counter; the block that
-// brings it to the number of contributors adds the slots in contributor order, writes out, and puts the counter
-// back to zero. So the workspace needs no initial state and the counters are zero before and after every launch
+// Cross-block reduction, deterministic. Each contributor to a split column writes its fp32 partial into its own
+// workspace slot (block, first-or-last column of its stripe), then bumps the column's counter; the block that brings
+// it to the number of contributors adds the slots in contributor order, writes out, and puts the counter back to
+// zero. So the workspace needs no initial state and the counters are zero before and after every launch
 // (CUDA-graph and torch.compile safe; no host synchronization, no allocation here).
 #pragma once
 
@@ -32,8 +33,6 @@
 
 namespace w4a16 {
 namespace gemm {
-
-constexpr int kThreads = 256;
 
 // Everything the kernel reads, by value.
 struct KParams {
@@ -193,75 +192,62 @@ struct Ops<__nv_bfloat16> {
 
 // ---------------------------------------------------------------- compile-time configuration
 
-// MB: 16-row mma blocks per M chunk (1..4). WN: warps along N (2 or 4). STAGES: depth of the cp.async ring.
-template <int MB, int WN, int STAGES>
+constexpr int kWarps = 4;                 // warps per block, side by side along N
+constexpr int kThreads = 32 * kWarps;
+constexpr int kTileN = 64 * kWarps;       // columns per block tile (one 64-column format tile per warp)
+
+// MB: 16-row mma blocks per M chunk (1..4). Everything else follows from it.
+template <int MB>
 struct Cfg {
-  static constexpr int WK = 8 / WN;            // warps splitting each stage's K slice
-  static constexpr int TN = 64 * WN;           // columns per block tile
-  static constexpr int SLABS = 2 * WK;         // 16-row slabs per stage (two per warp)
-  static constexpr int TK = 16 * SLABS;        // K rows per stage
-  static constexpr int MT = 16 * MB;           // rows per M chunk
-  static constexpr int CH = TK / 8;            // 16-byte chunks per x row per stage (8 or 16)
-  static constexpr int SR = TK / 32;           // scale / zero rows per stage (groups of G >= 32)
-  static constexpr int B_INT4 = SLABS * WN * 32;   // weights per stage, in int4 (always 512 = 8 KB)
-  static constexpr int A_INT4 = MT * CH;           // x tile per stage
-  static constexpr int S_INT4 = SR * TN / 8;       // scales per stage (SR rows of TN values)
-  static constexpr int Z_INT4 = SR * TN / 8 / 4;   // zeros per stage (SR rows of TN / 8 words)
+  static constexpr int SLABS = MB <= 2 ? 8 : 4;        // 16-row slabs per stage (every warp does all of them)
+  static constexpr int STAGES = MB <= 2 ? 3 : 4;       // cp.async ring depth
+  static constexpr int MIN_BLOCKS = MB == 1 ? 3 : 2;   // blocks per SM the registers are budgeted for
+  static constexpr int TK = 16 * SLABS;                // K rows per stage
+  static constexpr int MT = 16 * MB;                   // rows per M chunk
+  static constexpr int CH = TK / 8;                    // 16-byte chunks per x row per stage (8 or 16)
+  static constexpr int SR = TK / 32;                   // scale / zero rows per stage (groups of G >= 32)
+  static constexpr int B_INT4 = SLABS * kWarps * 32;   // weights per stage, [slab][warp][lane] int4
+  static constexpr int A_INT4 = MT * CH;               // x tile per stage (XOR-swizzled rows)
+  static constexpr int S_INT4 = SR * kTileN / 8;       // SR rows of kTileN scales
+  static constexpr int Z_INT4 = SR * kTileN / 8 / 4;   // SR rows of kTileN / 8 zero words
   static constexpr int STAGE_INT4 = B_INT4 + A_INT4 + S_INT4 + Z_INT4;
-  static constexpr int ACC = MB * 8 * 4;           // fp32 accumulators per lane
-  static constexpr int RED_INT4 = (WK - 1) * WN * ACC * 32 / 4;  // intra-block reduction buffer
-  static constexpr int SMEM_BYTES = (STAGES * STAGE_INT4 + RED_INT4) * 16;
+  static constexpr int SMEM_BYTES = STAGES * STAGE_INT4 * 16;
   static_assert(CH >= 8, "the x swizzle needs at least 8 chunks per row");
-  static_assert(B_INT4 % kThreads == 0, "weight copies must divide evenly among threads");
-  static_assert(SR * TN / 8 <= kThreads / 2, "scale / zero copies use half the threads each");
+  static_assert(SR * kTileN / 8 <= kThreads, "one scale chunk and one zero word per thread");
 };
 
 // ---------------------------------------------------------------- the kernel
 
-// Blocks per SM each instance is built for: MB = 1 needs few registers, so two blocks (16 warps) share an SM.
-template <int MB>
-constexpr int min_blocks() {
-  return MB == 1 ? 2 : 1;
-}
-
-template <typename T, int MB, int WN, int STAGES>
-__global__ void __launch_bounds__(kThreads, min_blocks<MB>()) gemm_kernel(const KParams p) {
+template <typename T, int MB>
+__global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(const KParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using C = Cfg<MB, WN, STAGES>;
+  using C = Cfg<MB>;
   using O = Ops<T>;
+  constexpr int STAGES = C::STAGES, SLABS = C::SLABS;
   extern __shared__ int4 smem[];
-  int4* red = smem + STAGES * C::STAGE_INT4;
   __shared__ int last_flag;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wn = warp % WN, wk = warp / WN;
   const int gq = lane >> 2, tq = lane & 3;  // mma fragment row group / column pair
   const int start = blockIdx.x * p.ipb;
   const int end = min(start + p.ipb, p.total);
   if (start >= end) return;  // cannot happen with plan_gemm's grid; kept for safety (uniform per block)
   const uint64_t policy = evict_first_policy();
   const bool has_zeros = p.zeros != nullptr;
-  // Scale row of this warp's two slabs inside a stage (both slabs are in one group since G >= 32).
-  const int srow = (p.ng > 1 && p.G < C::TK) ? (32 * wk) / p.G : 0;
-  const int nrows = (p.ng > 1 && p.G < C::TK) ? C::TK / p.G : 1;  // scale rows each stage needs
+  // Scale row of slab s inside a stage: (16 s) >> srow_shift (0 when one scale row covers the stage).
+  const bool multi_row = p.ng > 1 && p.G < C::TK;
+  const int srow_shift = multi_row ? p.g_shift : 30;
+  const int nrows = multi_row ? C::TK / p.G : 1;  // scale rows each stage needs
+  const size_t q_row = (size_t)p.Nt * 32;         // int4 per 16-row slab of qweight
 
-  // --- copies of one iteration into one ring slot. The loader walks the stripe in order: (kit, nc, mc) of the
-  // next iteration to load are advanced incrementally (no divisions in the loop).
+  // --- copies of one iteration into one ring slot. (kit, nc, mc) of the next iteration to load advance
+  // incrementally along the stripe (no divisions in the loop).
   int ld_kit, ld_nc, ld_mc;
   {
     const int c0 = start / p.k_iters;
     ld_kit = start - c0 * p.k_iters;
     ld_mc = c0 / p.n_cols;
     ld_nc = c0 - ld_mc * p.n_cols;
-  }
-  // This thread's weight copies per stage: slab b_slab, tile b_tile of the block's WN tiles, offset b_off.
-  int b_off[C::B_INT4 / kThreads], b_slab[C::B_INT4 / kThreads], b_tile[C::B_INT4 / kThreads];
-#pragma unroll
-  for (int i = 0; i < C::B_INT4 / kThreads; ++i) {
-    const int idx = tid + kThreads * i, w = idx % (WN * 32);
-    b_slab[i] = idx / (WN * 32);
-    b_tile[i] = w >> 5;
-    b_off[i] = b_slab[i] * p.Nt * 32 + w;
   }
   auto load_stage = [&](int slot) {
     const int kit = ld_kit, nc = ld_nc, mc = ld_mc;
@@ -273,16 +259,21 @@ __global__ void __launch_bounds__(kThreads, min_blocks<MB>()) gemm_kernel(const 
       }
     }
     int4* st = smem + slot * C::STAGE_INT4;
-    const int kt0 = kit * C::SLABS, k0 = kt0 * 16;
-    const int4* qbase = p.qweight + (size_t)kt0 * p.Nt * 32 + (size_t)nc * WN * 32;
+    const int kt0 = kit * SLABS, k0 = kt0 * 16;
+    // Weights: each thread copies its own lane's 16 bytes of its own warp's tile, for every slab of the stage.
+    const int tile = nc * kWarps + warp;
+    if (tile < p.Nt) {
+      const int4* src = p.qweight + kt0 * q_row + (size_t)tile * 32 + lane;
+      int4* dst = st + warp * 32 + lane;
+      const int nslab = min(SLABS, p.Kt - kt0);
 #pragma unroll
-    for (int i = 0; i < C::B_INT4 / kThreads; ++i) {
-      if (kt0 + b_slab[i] < p.Kt && nc * WN + b_tile[i] < p.Nt) {
-        const int4* src = qbase + b_off[i];
-        if (p.evict_first)
-          cp_async16_hint(st + tid + kThreads * i, src, policy);
-        else
-          cp_async16(st + tid + kThreads * i, src);
+      for (int s = 0; s < SLABS; ++s) {
+        if (s < nslab) {
+          if (p.evict_first)
+            cp_async16_hint(dst + s * kWarps * 32, src + s * q_row, policy);
+          else
+            cp_async16(dst + s * kWarps * 32, src + s * q_row);
+        }
       }
     }
     int4* as = st + C::B_INT4;
@@ -300,20 +291,16 @@ __global__ void __launch_bounds__(kThreads, min_blocks<MB>()) gemm_kernel(const 
         }
       }
     }
-    const int g0 = p.ng > 1 ? (k0 >> p.g_shift) : 0;
-    if (tid < nrows * (C::TN / 8)) {
-      const int r = tid / (C::TN / 8), ch = tid % (C::TN / 8);
-      const int g = min(g0 + r, p.ng - 1), n = nc * C::TN + 8 * ch;
-      if (n < p.N)
-        cp_async16(st + C::B_INT4 + C::A_INT4 + r * (C::TN / 8) + ch,
-                   static_cast<const T*>(p.scales) + (size_t)g * p.N + n);
-    } else if (has_zeros && tid >= kThreads / 2 && tid - kThreads / 2 < nrows * (C::TN / 8)) {
-      const int zi = tid - kThreads / 2;
-      const int r = zi / (C::TN / 8), w = zi % (C::TN / 8);
-      const int g = min(g0 + r, p.ng - 1), wc = nc * (C::TN / 8) + w;
-      if (wc < p.N / 8)
-        cp_async4(reinterpret_cast<uint32_t*>(st + C::B_INT4 + C::A_INT4 + C::S_INT4) + r * (C::TN / 8) + w,
-                  p.zeros + (size_t)g * (p.N / 8) + wc);
+    if (tid < nrows * (kTileN / 8)) {  // one 16-byte scale chunk and one zero word per thread
+      const int r = tid / (kTileN / 8), c = tid % (kTileN / 8);
+      const int g = min((p.ng > 1 ? (k0 >> p.g_shift) : 0) + r, p.ng - 1);
+      const int n = nc * kTileN + 8 * c;
+      if (n < p.N) {
+        cp_async16(st + C::B_INT4 + C::A_INT4 + tid, static_cast<const T*>(p.scales) + (size_t)g * p.N + n);
+        if (has_zeros)
+          cp_async4(reinterpret_cast<uint32_t*>(st + C::B_INT4 + C::A_INT4 + C::S_INT4) + tid,
+                    p.zeros + (size_t)g * (p.N / 8) + n / 8);
+      }
     }
   };
 
@@ -324,164 +311,129 @@ __global__ void __launch_bounds__(kThreads, min_blocks<MB>()) gemm_kernel(const 
     for (int b = 0; b < 8; ++b)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+  // Biased zero points of this lane's 8 columns (index 2 j + blk: column 16 j + 8 blk + gq of the warp's 64);
+  // constant z = 8 when symmetric, reloaded with the scales otherwise.
+  uint32_t zlo[8], zhi[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) O::zero_bias(8u, zlo[i], zhi[i]);
 
-  // --- one stage of mma work for this warp
+  // --- one stage of mma work for this warp: all SLABS slabs of its 64 columns
   auto compute_stage = [&](int slot) {
     const int4* st = smem + slot * C::STAGE_INT4;
-    const uint16_t* ss = reinterpret_cast<const uint16_t*>(st + C::B_INT4 + C::A_INT4) + srow * C::TN + wn * 64 + gq;
-    const uint32_t* zs = reinterpret_cast<const uint32_t*>(st + C::B_INT4 + C::A_INT4 + C::S_INT4) +
-                         srow * (C::TN / 8) + wn * 8;
-    uint32_t sc[8], zlo[8], zhi[8];  // index 2 j + blk: column 16 j + 8 blk + gq of the warp's 64
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint32_t v = ss[8 * i];
-      sc[i] = v | (v << 16);
-    }
-    if (has_zeros) {
-      const uint4 z0 = *reinterpret_cast<const uint4*>(zs), z1 = *reinterpret_cast<const uint4*>(zs + 4);
-      const uint32_t zw[8] = {z0.x, z0.y, z0.z, z0.w, z1.x, z1.y, z1.z, z1.w};
-#pragma unroll
-      for (int i = 0; i < 8; ++i) O::zero_bias((zw[i] >> (4 * gq)) & 0xF, zlo[i], zhi[i]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 8; ++i) O::zero_bias(8u, zlo[i], zhi[i]);
-    }
+    const uint16_t* ss = reinterpret_cast<const uint16_t*>(st + C::B_INT4 + C::A_INT4) + warp * 64 + gq;
+    const uint32_t* zs = reinterpret_cast<const uint32_t*>(st + C::B_INT4 + C::A_INT4 + C::S_INT4) + warp * 8;
     const char* as = reinterpret_cast<const char*>(st + C::B_INT4);
-    // Both slabs' fragments first (2 x 16-byte weights, 2 x MB ldmatrix), then dequantize + mma.
-    int4 bq[2];
-    uint32_t a[2][MB][4];
+    uint32_t sc[8];
+    int cur_row = -1;
 #pragma unroll
-    for (int sl = 0; sl < 2; ++sl) {
-      const int s = 2 * wk + sl;
-      bq[sl] = st[(s * WN + wn) * 32 + lane];
+    for (int s = 0; s < SLABS; ++s) {
+      const int row = (16 * s) >> srow_shift;
+      if (row != cur_row) {  // a new group: this lane's 8 scales (and zero points)
+        cur_row = row;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t v = ss[row * kTileN + 8 * i];
+          sc[i] = v | (v << 16);
+        }
+        if (has_zeros) {
+          const uint4 z0 = *reinterpret_cast<const uint4*>(zs + row * (kTileN / 8));
+          const uint4 z1 = *reinterpret_cast<const uint4*>(zs + row * (kTileN / 8) + 4);
+          const uint32_t zw[8] = {z0.x, z0.y, z0.z, z0.w, z1.x, z1.y, z1.z, z1.w};
+#pragma unroll
+          for (int i = 0; i < 8; ++i) O::zero_bias((zw[i] >> (4 * gq)) & 0xF, zlo[i], zhi[i]);
+        }
+      }
+      const int4 bq = st[s * kWarps * 32 + warp * 32 + lane];
+      uint32_t a[MB][4];
 #pragma unroll
       for (int mb = 0; mb < MB; ++mb) {
         const int r = mb * 16 + (lane & 15), ch = 2 * s + (lane >> 4);
-        ldmatrix_x4(a[sl][mb], as + 16 * (r * C::CH + (ch ^ (r & 7))));
+        ldmatrix_x4(a[mb], as + 16 * (r * C::CH + (ch ^ (r & 7))));
       }
-    }
-#pragma unroll
-    for (int sl = 0; sl < 2; ++sl) {
-      const uint32_t words[4] = {uint32_t(bq[sl].x), uint32_t(bq[sl].y), uint32_t(bq[sl].z), uint32_t(bq[sl].w)};
+      const uint32_t words[4] = {uint32_t(bq.x), uint32_t(bq.y), uint32_t(bq.z), uint32_t(bq.w)};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         uint32_t f[4];
         O::dequant(words[j], f, zlo[2 * j], zhi[2 * j], zlo[2 * j + 1], zhi[2 * j + 1], sc[2 * j], sc[2 * j + 1]);
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) {
-          O::mma(acc[mb][2 * j], a[sl][mb], f[0], f[1]);
-          O::mma(acc[mb][2 * j + 1], a[sl][mb], f[2], f[3]);
+          O::mma(acc[mb][2 * j], a[mb], f[0], f[1]);
+          O::mma(acc[mb][2 * j + 1], a[mb], f[2], f[3]);
         }
       }
     }
   };
 
-  // --- end of this block's part of column col: reduce and write out
+  // --- end of this block's part of column col: write out, or reduce across the blocks that share the column
   auto finish_column = [&](int col) {
-    if (C::WK > 1) {
-      float* r = reinterpret_cast<float*>(red);
-      if (wk > 0) {
-        float* dst = r + ((wk - 1) * WN + wn) * C::ACC * 32 + lane;
-#pragma unroll
-        for (int a = 0; a < MB; ++a)
-#pragma unroll
-          for (int b = 0; b < 8; ++b)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) dst[((a * 8 + b) * 4 + c) * 32] = acc[a][b][c];
-      }
-      __syncthreads();
-      if (wk == 0) {
-#pragma unroll
-        for (int w = 0; w < C::WK - 1; ++w) {
-          const float* src = r + (w * WN + wn) * C::ACC * 32 + lane;
-#pragma unroll
-          for (int a = 0; a < MB; ++a)
-#pragma unroll
-            for (int b = 0; b < 8; ++b)
-#pragma unroll
-              for (int c = 0; c < 4; ++c) acc[a][b][c] += src[((a * 8 + b) * 4 + c) * 32];
-        }
-      }
-    }
     const int mc = col / p.n_cols, nc = col - mc * p.n_cols;
-    const int m0 = mc * C::MT, n0 = nc * C::TN + wn * 64;
+    const int m0 = mc * C::MT, n0 = nc * kTileN + warp * 64;
     const int rows = min(C::MT, p.M - m0);
-    const bool warp_live = wk == 0 && nc * WN + wn < p.Nt;
+    const bool live = nc * kWarps + warp < p.Nt;
     const int first = (int)(((long long)col * p.k_iters) / p.ipb);
     const int last = (int)(((long long)(col + 1) * p.k_iters - 1) / p.ipb);
     T* out = static_cast<T*>(p.out);
-    if (first == last) {  // the whole column is ours
-      if (warp_live) {
+    if (first != last) {
+      // Split column: our partial into our slot, then count ourselves in.
+      const int my_end = (col == start / p.k_iters) ? 0 : 1;
+      const size_t slot_floats = (size_t)p.rows_alloc * kTileN;
+      if (live) {
+        float* dst = p.ws + ((size_t)blockIdx.x * 2 + my_end) * slot_floats + warp * 64;
 #pragma unroll
         for (int a = 0; a < MB; ++a)
 #pragma unroll
           for (int b = 0; b < 8; ++b) {
-            const int n = n0 + 8 * b + 2 * tq, r0 = a * 16 + gq;
-            if (n < p.N) {
-              if (r0 < rows)
-                *reinterpret_cast<uint32_t*>(out + (size_t)(m0 + r0) * p.ldo + n) = O::pack(acc[a][b][0], acc[a][b][1]);
-              if (r0 + 8 < rows)
-                *reinterpret_cast<uint32_t*>(out + (size_t)(m0 + r0 + 8) * p.ldo + n) =
-                    O::pack(acc[a][b][2], acc[a][b][3]);
+            const int r0 = a * 16 + gq, c = 8 * b + 2 * tq;
+            if (r0 < rows)
+              *reinterpret_cast<float2*>(dst + (size_t)r0 * kTileN + c) = make_float2(acc[a][b][0], acc[a][b][1]);
+            if (r0 + 8 < rows)
+              *reinterpret_cast<float2*>(dst + (size_t)(r0 + 8) * kTileN + c) =
+                  make_float2(acc[a][b][2], acc[a][b][3]);
+          }
+      }
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) {
+        const int prev = atomicAdd(p.locks + col, 1);
+        const int is_last = prev == last - first;
+        if (is_last) p.locks[col] = 0;  // every contributor has counted: back to the initial state
+        last_flag = is_last;
+      }
+      __syncthreads();
+      if (!last_flag) return;
+      __threadfence();
+      if (!live) return;
+      // Our own partial is in our slot too: restart from zero and add the slots in contributor order, so the sum
+      // does not depend on timing.
+#pragma unroll
+      for (int a = 0; a < MB; ++a)
+#pragma unroll
+        for (int b = 0; b < 8; ++b)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+#pragma unroll 2
+      for (int blk = first; blk <= last; ++blk) {
+        const int e = (col == (int)(((long long)blk * p.ipb) / p.k_iters)) ? 0 : 1;
+        const float* src = p.ws + ((size_t)blk * 2 + e) * slot_floats + warp * 64;
+#pragma unroll
+        for (int a = 0; a < MB; ++a)
+#pragma unroll
+          for (int b = 0; b < 8; ++b) {
+            const int r0 = a * 16 + gq, c = 8 * b + 2 * tq;
+            if (r0 < rows) {
+              const float2 t = __ldcg(reinterpret_cast<const float2*>(src + (size_t)r0 * kTileN + c));
+              acc[a][b][0] += t.x;
+              acc[a][b][1] += t.y;
+            }
+            if (r0 + 8 < rows) {
+              const float2 t = __ldcg(reinterpret_cast<const float2*>(src + (size_t)(r0 + 8) * kTileN + c));
+              acc[a][b][2] += t.x;
+              acc[a][b][3] += t.y;
             }
           }
       }
-      return;
     }
-    // Split column: our partial into our slot, then count ourselves in.
-    const int my_end = (col == start / p.k_iters) ? 0 : 1;
-    const size_t slot_floats = (size_t)p.rows_alloc * C::TN;
-    if (warp_live) {
-      float* dst = p.ws + ((size_t)blockIdx.x * 2 + my_end) * slot_floats + wn * 64;
-#pragma unroll
-      for (int a = 0; a < MB; ++a)
-#pragma unroll
-        for (int b = 0; b < 8; ++b) {
-          const int r0 = a * 16 + gq, c = 8 * b + 2 * tq;
-          if (r0 < rows) *reinterpret_cast<float2*>(dst + (size_t)r0 * C::TN + c) = make_float2(acc[a][b][0], acc[a][b][1]);
-          if (r0 + 8 < rows)
-            *reinterpret_cast<float2*>(dst + (size_t)(r0 + 8) * C::TN + c) = make_float2(acc[a][b][2], acc[a][b][3]);
-        }
-    }
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-      const int prev = atomicAdd(p.locks + col, 1);
-      const int is_last = prev == last - first;
-      if (is_last) p.locks[col] = 0;  // every contributor has counted: back to the initial state
-      last_flag = is_last;
-    }
-    __syncthreads();
-    if (!last_flag) return;
-    __threadfence();
-    if (!warp_live) return;
-    // Our own partial is in our slot too: restart from zero and add the slots in contributor order.
-#pragma unroll
-    for (int a = 0; a < MB; ++a)
-#pragma unroll
-      for (int b = 0; b < 8; ++b)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
-    for (int blk = first; blk <= last; ++blk) {  // contributor order: the sum does not depend on timing
-      const int e = (col == (int)(((long long)blk * p.ipb) / p.k_iters)) ? 0 : 1;
-      const float* src = p.ws + ((size_t)blk * 2 + e) * slot_floats + wn * 64;
-#pragma unroll
-      for (int a = 0; a < MB; ++a)
-#pragma unroll
-        for (int b = 0; b < 8; ++b) {
-          const int r0 = a * 16 + gq, c = 8 * b + 2 * tq;
-          if (r0 < rows) {
-            const float2 t = __ldcg(reinterpret_cast<const float2*>(src + (size_t)r0 * C::TN + c));
-            acc[a][b][0] += t.x;
-            acc[a][b][1] += t.y;
-          }
-          if (r0 + 8 < rows) {
-            const float2 t = __ldcg(reinterpret_cast<const float2*>(src + (size_t)(r0 + 8) * C::TN + c));
-            acc[a][b][2] += t.x;
-            acc[a][b][3] += t.y;
-          }
-        }
-    }
+    if (!live) return;
 #pragma unroll
     for (int a = 0; a < MB; ++a)
 #pragma unroll
@@ -509,7 +461,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<MB>()) gemm_kernel(const 
     __syncthreads();  // stage `slot` is visible to all; everyone is done with the slot refilled next
     if (it + STAGES - 1 < end) load_stage(slot == 0 ? STAGES - 1 : slot - 1);
     cp_async_commit();
-    if (nc * WN + wn < p.Nt) compute_stage(slot);  // warps past the last 64-column tile idle
+    if (nc * kWarps + warp < p.Nt) compute_stage(slot);  // a warp past the last 64-column tile idles
     slot = slot + 1 == STAGES ? 0 : slot + 1;
     if (++kit == p.k_iters || it + 1 == end) {
       finish_column(col);
@@ -530,36 +482,24 @@ __global__ void __launch_bounds__(kThreads, min_blocks<MB>()) gemm_kernel(const 
 #endif
 }
 
-
 // ---------------------------------------------------------------- host side
 
-// Ring depth per configuration: deep for small M (latency-bound streaming), shallower where x tiles are large.
-constexpr int stages_for(int mb, int wn) { return mb == 1 ? 6 : mb == 2 ? 6 : (wn == 4 ? 5 : 4); }
-
-template <int MB, int WN>
-constexpr int smem_bytes() {
-  return Cfg<MB, WN, stages_for(MB, WN)>::SMEM_BYTES;
-}
-
-inline int smem_bytes_of(int mb, int wn) {
-  switch (mb * 10 + wn) {
-    case 12: return smem_bytes<1, 2>();
-    case 14: return smem_bytes<1, 4>();
-    case 22: return smem_bytes<2, 2>();
-    case 24: return smem_bytes<2, 4>();
-    case 32: return smem_bytes<3, 2>();
-    case 34: return smem_bytes<3, 4>();
-    case 42: return smem_bytes<4, 2>();
-    case 44: return smem_bytes<4, 4>();
+inline int smem_bytes_of(int mb) {
+  switch (mb) {
+    case 1: return Cfg<1>::SMEM_BYTES;
+    case 2: return Cfg<2>::SMEM_BYTES;
+    case 3: return Cfg<3>::SMEM_BYTES;
+    case 4: return Cfg<4>::SMEM_BYTES;
   }
   return -1;
 }
 
+inline int slabs_of(int mb) { return mb <= 2 ? Cfg<1>::SLABS : Cfg<4>::SLABS; }
+
 // Sets the instance's shared-memory limit once per device; returns how many blocks of it fit on one SM.
-template <typename T, int MB, int WN>
+template <typename T, int MB>
 cudaError_t prepare_cfg(int* blocks_per_sm) {
-  constexpr int S = stages_for(MB, WN);
-  constexpr int smem = Cfg<MB, WN, S>::SMEM_BYTES;
+  constexpr int smem = Cfg<MB>::SMEM_BYTES;
   static int occupancy[64] = {};  // per device, 0 = not prepared yet; a benign race sets it twice
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -568,10 +508,10 @@ cudaError_t prepare_cfg(int* blocks_per_sm) {
     *blocks_per_sm = occupancy[dev];
     return cudaSuccess;
   }
-  err = cudaFuncSetAttribute(gemm_kernel<T, MB, WN, S>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  err = cudaFuncSetAttribute(gemm_kernel<T, MB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   int n = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_kernel<T, MB, WN, S>, kThreads, smem);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_kernel<T, MB>, kThreads, smem);
   if (err != cudaSuccess) return err;
   if (n < 1) return cudaErrorInvalidConfiguration;
   if (dev < 64) occupancy[dev] = n;
@@ -579,33 +519,28 @@ cudaError_t prepare_cfg(int* blocks_per_sm) {
   return cudaSuccess;
 }
 
-template <typename T, int MB, int WN>
+template <typename T, int MB>
 cudaError_t launch_cfg(const KParams& kp, int grid, cudaStream_t stream, int* blocks_per_sm) {
   int n = 0;
-  cudaError_t err = prepare_cfg<T, MB, WN>(&n);
+  cudaError_t err = prepare_cfg<T, MB>(&n);
   if (err != cudaSuccess) return err;
   if (blocks_per_sm != nullptr) {  // query only
     *blocks_per_sm = n;
     return cudaSuccess;
   }
-  constexpr int S = stages_for(MB, WN);
-  gemm_kernel<T, MB, WN, S><<<grid, kThreads, Cfg<MB, WN, S>::SMEM_BYTES, stream>>>(kp);
+  gemm_kernel<T, MB><<<grid, kThreads, Cfg<MB>::SMEM_BYTES, stream>>>(kp);
   return cudaGetLastError();
 }
 
 // The instances of one dtype (defined in gemm_f16.cu / gemm_bf16.cu). With blocks_per_sm set, only reports how many
-// blocks of the (mb, wn) instance fit on one SM and launches nothing.
+// blocks of the mb instance fit on one SM and launches nothing.
 template <typename T>
-cudaError_t launch_gemm_t(const KParams& kp, int mb, int wn, int grid, cudaStream_t stream, int* blocks_per_sm) {
-  switch (mb * 10 + wn) {
-    case 12: return launch_cfg<T, 1, 2>(kp, grid, stream, blocks_per_sm);
-    case 14: return launch_cfg<T, 1, 4>(kp, grid, stream, blocks_per_sm);
-    case 22: return launch_cfg<T, 2, 2>(kp, grid, stream, blocks_per_sm);
-    case 24: return launch_cfg<T, 2, 4>(kp, grid, stream, blocks_per_sm);
-    case 32: return launch_cfg<T, 3, 2>(kp, grid, stream, blocks_per_sm);
-    case 34: return launch_cfg<T, 3, 4>(kp, grid, stream, blocks_per_sm);
-    case 42: return launch_cfg<T, 4, 2>(kp, grid, stream, blocks_per_sm);
-    case 44: return launch_cfg<T, 4, 4>(kp, grid, stream, blocks_per_sm);
+cudaError_t launch_gemm_t(const KParams& kp, int mb, int grid, cudaStream_t stream, int* blocks_per_sm) {
+  switch (mb) {
+    case 1: return launch_cfg<T, 1>(kp, grid, stream, blocks_per_sm);
+    case 2: return launch_cfg<T, 2>(kp, grid, stream, blocks_per_sm);
+    case 3: return launch_cfg<T, 3>(kp, grid, stream, blocks_per_sm);
+    case 4: return launch_cfg<T, 4>(kp, grid, stream, blocks_per_sm);
   }
   return cudaErrorInvalidValue;
 }

@@ -31,8 +31,8 @@ struct GemmArgs {
 
 // How a call is cut up (plan_gemm). The grid walks m_chunks x n_cols x k_iters iterations in stripes of ipb.
 struct GemmPlan {
-  int mb;        // 16-row mma blocks per M chunk (1..4)
-  int wn;        // warps along N (2 or 4): the block owns 64 * wn columns, 8 / wn warps split its K slice
+  int mb;             // 16-row mma blocks per M chunk (1..4)
+  int slabs;          // 16-row slabs per pipeline stage (a block owns 256 columns, 4 warps of 64)
   int blocks_per_sm;  // resident blocks per SM the grid is sized for
   int m_chunks, n_cols, k_iters, total, ipb, grid;
   int rows_alloc;     // rows of one reduction slot: min(M, 16 * mb)
@@ -41,11 +41,9 @@ struct GemmPlan {
   int smem_bytes;
 };
 
-// The partition of one call on the current device. num_sms: its multiprocessors. force_wn: 0 = the default for this
-// M, else 2 or 4. force_bps: 0 = as many blocks per SM as fit, else at most that many. Sets the kernel's
-// shared-memory attribute (once per device), launches nothing.
-cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int force_wn, int force_bps,
-                      GemmPlan* plan);
+// The partition of one call on the current device. num_sms: its multiprocessors. force_bps: 0 = as many blocks per
+// SM as fit, else at most that many. Sets the kernel's shared-memory attribute (once per device), launches nothing.
+cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int force_bps, GemmPlan* plan);
 
 // ws: ws_floats floats (any contents); locks: plan.locks zeros (left zero). Asynchronous on stream.
 cudaError_t launch_gemm(const GemmArgs& args, const GemmPlan& plan, float* ws, int* locks, cudaStream_t stream);

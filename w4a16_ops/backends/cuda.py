@@ -25,9 +25,7 @@ NAME = "cuda"
 
 # From this M on, dequantize + dense GEMM beats the fused mma.sync kernel (measured on an H100: notes/cuda.md).
 DEQUANT_MIN_M = 1024
-# Tuning knobs (tests and scripts/cuda_timing.py): FORCE_WN 0 = the kernel's default tiling, 2 or 4 = warps along
-# N; FORCE_BPS 0 = as many blocks per SM as fit, else at most that many.
-FORCE_WN = 0
+# Tuning knob (scripts/cuda_timing.py): 0 = as many blocks per SM as fit, else at most that many.
 FORCE_BPS = 0
 
 _GROUPS = (32, 64, 128, 256)
@@ -105,6 +103,6 @@ def gemm(x2d, qweight, scales, zeros, p, out):
         torch.mm(x2d, w, out=out)
         return
     xk = _x_ready(x2d)
-    # m_chunks * n_cols counters at most: ceil(M / 64) chunks of M, ceil(N / 64) column tiles.
+    # m_chunks * n_cols counters at most: ceil(M / 64) chunks of M, ceil(N / 256) column tiles (bound: N / 64).
     locks = _locks(x2d.device, -(-p.M // 64) * -(-p.N // 64))
-    torch.ops.w4a16._cuda_gemm(xk, qweight, scales, zeros, out, locks, FORCE_WN, FORCE_BPS)
+    torch.ops.w4a16._cuda_gemm(xk, qweight, scales, zeros, out, locks, FORCE_BPS)
