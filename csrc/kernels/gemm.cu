@@ -41,7 +41,14 @@ cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int fo
   pl.n_cols = cdiv(cdiv(N, 64), gemm::kWarps);
   const long long total = (long long)pl.m_chunks * pl.n_cols * pl.k_iters;
   pl.total = static_cast<int>(total);
-  pl.ipb = cdiv(total, (long long)(num_sms > 0 ? num_sms : 1) * pl.blocks_per_sm);
+  // Fill every resident block slot, but split a column among at most max_splits blocks: each split costs a
+  // workspace slot of rows x 256 fp32 written and read back, which grows with M while the weights do not.
+  const int rows = M < 16 * pl.mb ? M : 16 * pl.mb;
+  int max_splits = 2 * pl.k_iters * pl.slabs / rows;
+  max_splits = max_splits < 4 ? 4 : max_splits > 16 ? 16 : max_splits;
+  const int ipb_fill = cdiv(total, (long long)(num_sms > 0 ? num_sms : 1) * pl.blocks_per_sm);
+  const int ipb_min = cdiv(pl.k_iters, max_splits);
+  pl.ipb = ipb_fill > ipb_min ? ipb_fill : ipb_min;
   pl.grid = cdiv(total, pl.ipb);
   pl.rows_alloc = M < 16 * pl.mb ? M : 16 * pl.mb;
   // Stripes that start and end on column boundaries split no column: no cross-block reduction at all.

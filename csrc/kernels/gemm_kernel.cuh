@@ -28,6 +28,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "dequant.cuh"
 #include "launchers.h"
 
@@ -95,6 +97,12 @@ __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t
   uint32_t r;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
   return r;
+}
+
+__device__ __forceinline__ uint64_t evict_normal_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const void* p) {
@@ -200,8 +208,8 @@ constexpr int kTileN = 64 * kWarps;       // columns per block tile (one 64-colu
 template <int MB>
 struct Cfg {
   static constexpr int SLABS = MB <= 2 ? 8 : 4;        // 16-row slabs per stage (every warp does all of them)
-  static constexpr int STAGES = MB <= 2 ? 3 : 4;       // cp.async ring depth
-  static constexpr int MIN_BLOCKS = MB == 1 ? 3 : 2;   // blocks per SM the registers are budgeted for
+  static constexpr int STAGES = MB == 1 ? 2 : MB == 2 ? 3 : 4;  // cp.async ring depth
+  static constexpr int MIN_BLOCKS = MB == 1 ? 4 : 2;            // blocks per SM the registers are budgeted for
   static constexpr int TK = 16 * SLABS;                // K rows per stage
   static constexpr int MT = 16 * MB;                   // rows per M chunk
   static constexpr int CH = TK / 8;                    // 16-byte chunks per x row per stage (8 or 16)
@@ -232,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
   const int start = blockIdx.x * p.ipb;
   const int end = min(start + p.ipb, p.total);
   if (start >= end) return;  // cannot happen with plan_gemm's grid; kept for safety (uniform per block)
-  const uint64_t policy = evict_first_policy();
+  const uint64_t policy = p.evict_first ? evict_first_policy() : evict_normal_policy();
   const bool has_zeros = p.zeros != nullptr;
   // Scale row of slab s inside a stage: (16 s) >> srow_shift (0 when one scale row covers the stage).
   const bool multi_row = p.ng > 1 && p.G < C::TK;
@@ -266,14 +274,13 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
       const int4* src = p.qweight + kt0 * q_row + (size_t)tile * 32 + lane;
       int4* dst = st + warp * 32 + lane;
       const int nslab = min(SLABS, p.Kt - kt0);
+      if (nslab == SLABS) {
 #pragma unroll
-      for (int s = 0; s < SLABS; ++s) {
-        if (s < nslab) {
-          if (p.evict_first)
-            cp_async16_hint(dst + s * kWarps * 32, src + s * q_row, policy);
-          else
-            cp_async16(dst + s * kWarps * 32, src + s * q_row);
-        }
+        for (int s = 0; s < SLABS; ++s) cp_async16_hint(dst + s * kWarps * 32, src + s * q_row, policy);
+      } else {  // the K tail
+#pragma unroll
+        for (int s = 0; s < SLABS; ++s)
+          if (s < nslab) cp_async16_hint(dst + s * kWarps * 32, src + s * q_row, policy);
       }
     }
     int4* as = st + C::B_INT4;
@@ -317,19 +324,20 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
 #pragma unroll
   for (int i = 0; i < 8; ++i) O::zero_bias(8u, zlo[i], zhi[i]);
 
-  // --- one stage of mma work for this warp: all SLABS slabs of its 64 columns
-  auto compute_stage = [&](int slot) {
+  // --- one stage of mma work for this warp: all SLABS slabs of its 64 columns. MULTI (G < TK): the scales change
+  // every 2 slabs (32 rows, the smallest group); else one scale row covers the stage. Either way the slab loop has
+  // no data-dependent branch, so the compiler can overlap one slab's dequantization with the next one's mma.
+  auto compute_stage = [&](int slot, auto multi_tag) {
+    constexpr bool MULTI = decltype(multi_tag)::value;
     const int4* st = smem + slot * C::STAGE_INT4;
     const uint16_t* ss = reinterpret_cast<const uint16_t*>(st + C::B_INT4 + C::A_INT4) + warp * 64 + gq;
     const uint32_t* zs = reinterpret_cast<const uint32_t*>(st + C::B_INT4 + C::A_INT4 + C::S_INT4) + warp * 8;
     const char* as = reinterpret_cast<const char*>(st + C::B_INT4);
     uint32_t sc[8];
-    int cur_row = -1;
 #pragma unroll
     for (int s = 0; s < SLABS; ++s) {
-      const int row = (16 * s) >> srow_shift;
-      if (row != cur_row) {  // a new group: this lane's 8 scales (and zero points)
-        cur_row = row;
+      if (s == 0 || (MULTI && s % 2 == 0)) {  // this lane's 8 scales (and zero points) of the slab's group
+        const int row = MULTI ? (16 * s) >> srow_shift : 0;
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           const uint32_t v = ss[row * kTileN + 8 * i];
@@ -391,47 +399,42 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
                   make_float2(acc[a][b][2], acc[a][b][3]);
           }
       }
-      __threadfence();
       __syncthreads();
-      if (tid == 0) {
+      if (tid == 0) {  // release our slot (the barrier above orders the block's writes before this fence)
+        __threadfence();
         const int prev = atomicAdd(p.locks + col, 1);
         const int is_last = prev == last - first;
-        if (is_last) p.locks[col] = 0;  // every contributor has counted: back to the initial state
+        if (is_last) {
+          p.locks[col] = 0;  // every contributor has counted: back to the initial state
+          __threadfence();   // acquire the other contributors' slots
+        }
         last_flag = is_last;
       }
       __syncthreads();
       if (!last_flag) return;
-      __threadfence();
-      if (!live) return;
-      // Our own partial is in our slot too: restart from zero and add the slots in contributor order, so the sum
-      // does not depend on timing.
-#pragma unroll
-      for (int a = 0; a < MB; ++a)
-#pragma unroll
-        for (int b = 0; b < 8; ++b)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
-#pragma unroll 2
-      for (int blk = first; blk <= last; ++blk) {
-        const int e = (col == (int)(((long long)blk * p.ipb) / p.k_iters)) ? 0 : 1;
-        const float* src = p.ws + ((size_t)blk * 2 + e) * slot_floats + warp * 64;
-#pragma unroll
-        for (int a = 0; a < MB; ++a)
-#pragma unroll
-          for (int b = 0; b < 8; ++b) {
-            const int r0 = a * 16 + gq, c = 8 * b + 2 * tq;
-            if (r0 < rows) {
-              const float2 t = __ldcg(reinterpret_cast<const float2*>(src + (size_t)r0 * kTileN + c));
-              acc[a][b][0] += t.x;
-              acc[a][b][1] += t.y;
-            }
-            if (r0 + 8 < rows) {
-              const float2 t = __ldcg(reinterpret_cast<const float2*>(src + (size_t)(r0 + 8) * kTileN + c));
-              acc[a][b][2] += t.x;
-              acc[a][b][3] += t.y;
-            }
-          }
+      // The whole block adds the slots, 4 consecutive columns per thread, in contributor order (the sum does not
+      // depend on timing); the loads of all slots are independent, so they are in flight together.
+      for (int e4 = tid; e4 < rows * (kTileN / 4); e4 += kThreads) {
+        const int r = e4 / (kTileN / 4), c = 4 * (e4 % (kTileN / 4));
+        const int n = nc * kTileN + c;
+        if (n >= p.N) continue;  // N % 8 == 0: the 4 columns are all in or all out
+        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+        for (int blk = first; blk <= last; ++blk) {
+          const int e = (col == (int)(((long long)blk * p.ipb) / p.k_iters)) ? 0 : 1;
+          const float4 v = __ldcg(reinterpret_cast<const float4*>(p.ws + ((size_t)blk * 2 + e) * slot_floats +
+                                                                  (size_t)r * kTileN + c));
+          sum.x += v.x;
+          sum.y += v.y;
+          sum.z += v.z;
+          sum.w += v.w;
+        }
+        uint2 packed;
+        packed.x = O::pack(sum.x, sum.y);
+        packed.y = O::pack(sum.z, sum.w);
+        *reinterpret_cast<uint2*>(out + (size_t)(m0 + r) * p.ldo + n) = packed;
       }
+      return;
     }
     if (!live) return;
 #pragma unroll
@@ -461,7 +464,12 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
     __syncthreads();  // stage `slot` is visible to all; everyone is done with the slot refilled next
     if (it + STAGES - 1 < end) load_stage(slot == 0 ? STAGES - 1 : slot - 1);
     cp_async_commit();
-    if (nc * kWarps + warp < p.Nt) compute_stage(slot);  // a warp past the last 64-column tile idles
+    if (nc * kWarps + warp < p.Nt) {  // a warp past the last 64-column tile idles
+      if (multi_row)
+        compute_stage(slot, std::true_type{});
+      else
+        compute_stage(slot, std::false_type{});
+    }
     slot = slot + 1 == STAGES ? 0 : slot + 1;
     if (++kit == p.k_iters || it + 1 == end) {
       finish_column(col);
