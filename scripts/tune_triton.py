@@ -55,18 +55,20 @@ def _den(bm, bn, bk, w=8, st=3, gm=8, split=1, pps=1):
 
 
 def candidates(M: int):
-    """Configurations worth timing at this M."""
+    """Configurations worth timing at this M. num_warps=2 runs the nibble dots on mma.sync (no warpgroup),
+    4 or 8 on wgmma with the weights as register operand."""
     if M <= 16:
-        return [_nib(16, 128, 128), _nib(16, 128, 256, st=3), _nib(16, 256, 128, st=3), _nib(16, 128, 128, pps=4),
-                _nib(16, 64, 256), _nib(16, 256, 128, w=8, st=3)]
+        return [_nib(16, 128, 128), _nib(16, 256, 128, w=8, st=3), _nib(16, 64, 128, w=2, pps=4),
+                _nib(16, 64, 128, w=2, st=6, pps=8), _nib(16, 128, 128, w=2, pps=4), _nib(16, 64, 256, w=2, st=3, pps=4)]
     if M <= 32:
-        return [_nib(32, 128, 128), _nib(32, 128, 256, st=3), _nib(32, 256, 128, st=3), _den(32, 128, 64, w=4, st=4, split="auto", pps=2)]
+        return [_nib(32, 128, 128), _nib(32, 256, 128, w=8, st=3), _nib(32, 64, 128, w=2, pps=4),
+                _den(32, 128, 64, w=4, st=4, split="auto", pps=2)]
     if M <= 64:
-        return [_nib(64, 128, 128, st=3), _nib(64, 256, 128, w=8, st=3), _nib(64, 128, 64, pps=1),
+        return [_nib(64, 128, 128, st=3), _nib(64, 256, 128, w=8, st=3), _nib(64, 64, 128, w=2, pps=4),
                 _den(64, 128, 64, w=4, st=4, split="auto", pps=2), _den(64, 256, 64, w=8, st=3, split="auto")]
     if M <= 256:
         return [_den(128, 128, 64, st=3, split="auto"), _den(64, 256, 64, st=3, split="auto"),
-                _den(128, 256, 64, st=3, split="auto")]
+                _den(128, 256, 64, st=3, split="auto"), _nib(64, 256, 128, w=8, st=3, pps=1)]
     return [_den(128, 256, 64, st=3), _den(128, 128, 64, st=4), _den(256, 128, 64, st=3), _den(128, 256, 64, st=4, gm=16)]
 
 
@@ -93,6 +95,7 @@ def triton_calls(M, K, N, G, dtype, cfg):
     p = dispatch.problem_for(x.device, dtype, M, K, N, G, False)
     n = copies_needed(packed.qweight.numel() * 4 + scales.numel() * 2)
     ps = [packed] + [w4a16_ops.PackedW4A16(packed.qweight.clone(), scales.clone(), None) for _ in range(n - 1)]
+    cfg = tb._legalize(cfg, p)
     return [lambda pk=pk: tb.launch(x, pk.qweight, pk.scales, None, p, out, cfg) for pk in ps]
 
 
@@ -147,7 +150,7 @@ def main(argv=None):
                                  ratio=t_dense / t))
                 line.append(f"{cfg_name(c)} {t_dense / t:5.2f}x")
             print("  ".join(line), flush=True)
-        scored = [(sum(v) / len(v), c) for c, v in zip([logt[cfg_name(c)] for c in cands], cands) if v]
+        scored = [(sum(logt[cfg_name(c)]) / len(logt[cfg_name(c)]), c) for c in cands if logt[cfg_name(c)]]
         if scored:
             best[M] = min(scored, key=lambda t: t[0])[1]
             print(f"M={M}: best {cfg_name(best[M])}", flush=True)

@@ -68,7 +68,7 @@ def unsupported_reason(p) -> Optional[str]:
 
 def gemm(x2d, qweight, scales, zeros, p, out):
     """out[M, N] = x2d @ dequantize(qweight, scales, zeros); out contiguous, x2d any strides."""
-    cfg = _forced_config if _forced_config is not None else select_config(p)
+    cfg = _legalize(_forced_config, p) if _forced_config is not None else select_config(p)
     launch(x2d, qweight, scales, zeros, p, out, cfg)
 
 
@@ -126,9 +126,15 @@ def select_config(p) -> dict:
 
 
 def _legalize(cfg: dict, p) -> dict:
-    """A copy of a table entry (kept as a hook: every table entry is legal for every G, the kernels
-    place group boundaries inside a K tile themselves)."""
-    return dict(cfg)
+    """A copy of a table entry adjusted to the group size. Every entry is legal for every G (the kernels
+    handle several groups per K tile), but the nibble kernel pays for each extra group in a K tile (its dots
+    run once per group), so its K tile shrinks to max(64, G), with proportionally more pipeline stages."""
+    cfg = dict(cfg)
+    if cfg["kernel"] == "nibble" and p.G != p.K and p.G < cfg["BLOCK_K"]:
+        bk = max(64, p.G)
+        cfg["num_stages"] = min(8, cfg.get("num_stages", 3) * cfg["BLOCK_K"] // bk)
+        cfg["BLOCK_K"] = bk
+    return cfg
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,6 +186,7 @@ def _use_asm(p) -> bool:
 
 
 def launch(x2d, qweight, scales, zeros, p, out, cfg: dict) -> None:
+    """Run one configuration as given (gemm() legalizes table entries first)."""
     import triton
 
     from . import triton_kernels as tk

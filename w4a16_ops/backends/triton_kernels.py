@@ -77,8 +77,9 @@ def _deq_byte(words, E: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr
 
     With USE_ASM, pairs of consecutive elements (the k pair a thread holds in the dot-operand layout)
     are packed into f16x2 / bf16x2: prmt gathers byte E of both words, one lop3 per nibble inserts it
-    into the mantissa of a magic number (1024 + q, 64 + q for fp16; 128 + q, 8 + q for bf16) and a
-    packed subtract removes magic + 8.
+    into the mantissa of a magic number (1024 + q for the low nibble, 64 + q for the high one in fp16; bf16
+    has 7 mantissa bits, so its high nibble is shifted down first and both use 128 + q) and a packed
+    subtract removes magic + 8.
     """
     if USE_ASM:
         SEL: tl.constexpr = E | (E << 4) | ((4 + E) << 8) | ((4 + E) << 12)
@@ -88,11 +89,11 @@ def _deq_byte(words, E: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr
                 .reg .b32 t, c0, c1;
                 prmt.b32 t, $2, $3, {SEL};
                 lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;
-                lop3.b32 $1, t, 0x00F000F0, 0x41004100, 0xEA;
+                shr.u32 t, t, 4;
+                lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA;
                 mov.b32 c0, 0x43084308;
-                mov.b32 c1, 0x41804180;
                 sub.bf16x2 $0, $0, c0;
-                sub.bf16x2 $1, $1, c1;
+                sub.bf16x2 $1, $1, c0;
                 }}""",
                 constraints="=r,=r,r,r",
                 args=[words],
@@ -156,15 +157,31 @@ def _nibble_dots(w00_h0, w00_h1, w01_h0, w01_h1, w10_h0, w10_h1, w11_h0, w11_h1,
 
 
 @triton.jit
-def _group_params(s_ptr, z_ptr, g, n0, n1, cc, N, n_lim, HAS_ZEROS: tl.constexpr):
-    """fp32 scales of group g for the two row halves, and (z - 8) (zeros of 8 without zero points)."""
-    s0 = tl.load(s_ptr + g * N + n0, mask=n0 < n_lim, other=0.0).to(tl.float32)
-    s1 = tl.load(s_ptr + g * N + n1, mask=n1 < n_lim, other=0.0).to(tl.float32)
+def _group_raw(s_ptr, z_ptr, g, pid_n, N, n_lim, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The scale row of group g over this program's columns (natural order) and its zero words; contiguous
+    vector loads. Nothing is read when n_lim is 0."""
+    nat = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    s_row = tl.load(s_ptr + tl.multiple_of(g * N, 8) + nat, mask=nat < n_lim, other=0.0)
+    zcol = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # word w holds columns 8 w .. 8 w + 7
     if HAS_ZEROS:
-        zw0 = tl.load(z_ptr + g * (N // 8) + n0 // 8, mask=n0 < n_lim, other=0)
-        zw1 = tl.load(z_ptr + g * (N // 8) + n1 // 8, mask=n1 < n_lim, other=0)
-        dz0 = (((zw0 >> (4 * cc)) & 15) - 8).to(tl.float32)
-        dz1 = (((zw1 >> (4 * cc)) & 15) - 8).to(tl.float32)
+        z_row = tl.load(z_ptr + g * (N // 8) + zcol, mask=zcol * 8 < n_lim, other=0)
+    else:
+        z_row = zcol
+    return s_row, z_row
+
+
+@triton.jit
+def _group_params(s_row, z_row, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 scales and (z - 8) for the rows of the two halves (r = (tile, c, j), n = 64 tile + 16 j + 8 blk
+    + c), permuted from the natural-order rows of _group_raw in registers."""
+    NT: tl.constexpr = BLOCK_N // 64
+    s4 = tl.permute(tl.reshape(s_row.to(tl.float32), [NT, 4, 2, 8]), (0, 3, 1, 2))  # [tile, c, j, blk]
+    s0, s1 = tl.split(tl.reshape(s4, [BLOCK_N // 2, 2]))
+    if HAS_ZEROS:
+        z3 = tl.reshape(z_row, [NT, 1, 4, 2])  # [tile, 1, j, blk]: the word of columns 16 j + 8 blk + (0..7)
+        shift = 4 * tl.arange(0, 8)[None, :, None, None]  # nibble c
+        dz4 = ((z3 >> shift) & 15) - 8  # [tile, c, j, blk]
+        dz0, dz1 = tl.split(tl.reshape(dz4.to(tl.float32), [BLOCK_N // 2, 2]))
     else:
         dz0 = tl.zeros_like(s0)
         dz1 = tl.zeros_like(s1)
@@ -231,8 +248,17 @@ def nibble_gemm_kernel(
     acc0 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
     xsum_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if G > 0 and NGT == 1:
+        # One group per K tile: its scales are prefetched one tile ahead (into registers).
+        s_nxt, z_nxt = _group_raw(s_ptr, z_ptr, (k_tile_begin * BLOCK_K) // G, pid_n, N,
+                                  tl.where(k_tile_begin < k_tile_end, N, 0), HAS_ZEROS, BLOCK_N)
     for kt in range(k_tile_begin, k_tile_end):
         k0 = kt * BLOCK_K
+        if G > 0 and NGT == 1:
+            s_cur = s_nxt
+            z_cur = z_nxt
+            s_nxt, z_nxt = _group_raw(s_ptr, z_ptr, (k0 + BLOCK_K) // G, pid_n, N,
+                                      tl.where(kt + 1 < k_tile_end, N, 0), HAS_ZEROS, BLOCK_N)
         slab = kt * S + slab_q
         words = tl.load(
             qw_ptr + slab[None, :].to(tl.int64) * stride_qk + word_r[:, None] + word_q[None, :],
@@ -270,8 +296,12 @@ def nibble_gemm_kernel(
                     p0, p1 = _nibble_dots(w00_h0, w00_h1, w01_h0, w01_h1, w10_h0, w10_h1, w11_h0, w11_h1,
                                           tl.where(in_g, x00, 0.0), tl.where(in_g, x01, 0.0),
                                           tl.where(in_g, x10, 0.0), tl.where(in_g, x11, 0.0))
-                n_lim = tl.where(g * G < K, N, 0)  # a group past K (last tile) reads nothing
-                s0, s1, dz0, dz1 = _group_params(s_ptr, z_ptr, g, n0, n1, cc, N, n_lim, HAS_ZEROS)
+                if NGT == 1:
+                    s0, s1, dz0, dz1 = _group_params(s_cur, z_cur, HAS_ZEROS, BLOCK_N)
+                else:
+                    n_lim = tl.where(g * G < K, N, 0)  # a group past K (last tile) reads nothing
+                    s_row, z_row = _group_raw(s_ptr, z_ptr, g, pid_n, N, n_lim, HAS_ZEROS, BLOCK_N)
+                    s0, s1, dz0, dz1 = _group_params(s_row, z_row, HAS_ZEROS, BLOCK_N)
                 if HAS_ZEROS:
                     xsum = tl.sum(xg.to(tl.float32), axis=0)
                     p0 -= dz0[:, None] * xsum[None, :]
@@ -280,7 +310,8 @@ def nibble_gemm_kernel(
                 acc1 += p1 * s1[:, None]
 
     if G == 0:
-        s0, s1, dz0, dz1 = _group_params(s_ptr, z_ptr, 0, n0, n1, cc, N, N, HAS_ZEROS)
+        s_row, z_row = _group_raw(s_ptr, z_ptr, 0, pid_n, N, N, HAS_ZEROS, BLOCK_N)
+        s0, s1, dz0, dz1 = _group_params(s_row, z_row, HAS_ZEROS, BLOCK_N)
         if HAS_ZEROS:
             acc0 -= dz0[:, None] * xsum_all[None, :]
             acc1 -= dz1[:, None] * xsum_all[None, :]
@@ -396,7 +427,7 @@ def dense_gemm_kernel(
             # Groups g0 .. g0 + NGT - 1 of this K tile, scales and zeros as [BLOCK_N, NGT].
             g = k0 // G + tl.arange(0, NGT)
             gn_ok = n_ok[:, None] & (g * G < K)[None, :]
-            s_g = tl.load(s_ptr + g[None, :] * N + offs_n[:, None], mask=gn_ok, other=0.0)
+            s_g = tl.load(s_ptr + tl.multiple_of(g * N, 8)[None, :] + offs_n[:, None], mask=gn_ok, other=0.0)
             w3 = tl.reshape(wq, [BLOCK_N, NGT, BLOCK_K // NGT])
             if HAS_ZEROS:
                 zw = tl.load(z_ptr + g[None, :] * (N // 8) + (offs_n // 8)[:, None], mask=gn_ok, other=0)
