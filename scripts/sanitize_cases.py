@@ -3,7 +3,8 @@
     compute-sanitizer --tool memcheck  --error-exitcode 9 python3 scripts/sanitize_cases.py
     compute-sanitizer --tool racecheck --error-exitcode 9 python3 scripts/sanitize_cases.py --racecheck
 
-Valid calls (small shapes, every layout of x, weights at odd offsets, random bits in qweight's padding; the
+Valid calls (small shapes, every layout of x, random bits in qweight's padding; with --weights-at-offsets
+qweight/scales/zeros sit at odd, not 16-byte aligned offsets instead; the
 generator of tests/test_fuzz.py with its "sanitize" profile) run on every available GPU backend that serves
 them, directly and forced through the op, plus the automatic choice, and are compared with the float64
 reference; invalid calls must raise a clear ValueError before any kernel runs. PyTorch's caching allocator is
@@ -52,6 +53,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=fz.SEED)
     ap.add_argument("--budget", type=float, default=1200.0, help="seconds; stops starting new cases after it")
     ap.add_argument("--keep-caching", action="store_true", help="leave PyTorch's caching allocator on")
+    ap.add_argument("--weights-at-offsets", action="store_true",
+                    help="every valid case puts qweight/scales/zeros at odd (not 16-byte aligned) offsets")
     a = ap.parse_args()
 
     available = [n for n, why in dispatch.unavailable_backends().items() if why is None]
@@ -70,8 +73,9 @@ def main() -> int:
     t0 = time.monotonic()
     deadline = t0 + a.budget
     valid = fz.new_summary("valid")
+    profile = "sanitize_w_offset" if a.weights_at_offsets else "sanitize"
     specs = RACECHECK_SPECS if a.racecheck else [
-        fz.valid_spec(fz.case_rng(a.seed, "valid", "sanitize", i), "sanitize") for i in range(a.valid)]
+        fz.valid_spec(fz.case_rng(a.seed, "valid", profile, i), profile) for i in range(a.valid)]
     for i, spec in enumerate(specs):
         if time.monotonic() > deadline:
             valid["stopped_early"] = True
@@ -93,7 +97,7 @@ def main() -> int:
     failures = valid["failures"] + invalid["failures"]
     for f in failures[:30]:
         print(f"FAILED {f}")
-    mode = "racecheck" if a.racecheck else "memcheck batch"
+    mode = "racecheck" if a.racecheck else "memcheck batch" + (", weights at odd offsets" if a.weights_at_offsets else "")
     calls = ", ".join(f"{k} {v}" for k, v in sorted(valid["paths"].items()))
     print(f"sanitize_cases ({mode}, {a.device}, backends {','.join(only)}, caching allocator "
           f"{'off' if os.environ.get('PYTORCH_NO_CUDA_MEMORY_CACHING') == '1' else 'on'}): "

@@ -82,10 +82,17 @@ PROFILES = {
                    (8, 56, 64, 72, 120, 128, 136, 192, 264), (100, 400), 2**24, forced_p=0.4),
     # Triton's interpreter (numpy, no bf16 tl.dot): tiny and fp16 only.
     "interp": Profile(2, 128, (8, 24, 40, 72), 128, (8, 56, 64, 72, 120), (17, 40), 2**15, fp16_only=True),
+    # GPU: weights at odd offsets get their own run ("gpu_w_offset"): a kernel that assumes 16-byte aligned
+    # weights may kill the CUDA context on every such case, which must not cut the main run short.
     "gpu": Profile(32, 8192, (1, 3, 8, 24, 40, 72, 136, 200, 520, 1000, 2056, 4104), 8192,
-                   (8, 56, 64, 72, 120, 136, 1032, 2120, 4096, 4104, 8192), (200, 5000), 2**33),
-    # compute-sanitizer runs are ~100x slower: small shapes.
-    "sanitize": Profile(4, 512, (8, 24, 40, 136, 200), 264, (8, 56, 64, 72, 136, 264), (65, 300), 2**22),
+                   (8, 56, 64, 72, 120, 136, 1032, 2120, 4096, 4104, 8192), (200, 5000), 2**33, w_offset_p=0.0),
+    "gpu_w_offset": Profile(8, 2048, (8, 24, 40, 136, 200, 1000), 1024, (8, 56, 64, 72, 136, 264), (200, 2000),
+                            2**30, w_offset_p=1.0),
+    # compute-sanitizer runs are ~100x slower: small shapes (weights at offsets only with --weights-at-offsets).
+    "sanitize": Profile(4, 512, (8, 24, 40, 136, 200), 264, (8, 56, 64, 72, 136, 264), (65, 300), 2**22,
+                        w_offset_p=0.0),
+    "sanitize_w_offset": Profile(4, 512, (8, 24, 40, 136, 200), 264, (8, 56, 64, 72, 136, 264), (65, 300), 2**22,
+                                 w_offset_p=1.0),
 }
 
 
@@ -726,7 +733,8 @@ def child_main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--start", type=int, default=0)
-    ap.add_argument("--count", type=int, default=1)
+    ap.add_argument("--end", type=int, default=1, help="run cases start, start + stride, ... < end")
+    ap.add_argument("--stride", type=int, default=1)
     ap.add_argument("--index", type=int, default=0)
     ap.add_argument("--budget", type=float, default=1e9, help="seconds")
     ap.add_argument("--log", help="JSON-lines progress file (run mode)")
@@ -745,7 +753,7 @@ def child_main(argv=None) -> int:
         log.flush()
 
     deadline = time.monotonic() + a.budget
-    for i in range(a.start, a.start + a.count):
+    for i in range(a.start, a.end, a.stride):
         if time.monotonic() > deadline:
             emit({"stopped_early": True})
             break
@@ -770,34 +778,45 @@ def _desc(a, i) -> str:
     return valid_spec(case_rng(a.seed, a.kind, a.profile, i), a.profile).describe()
 
 
-def drive(kind: str, profile: str, device: str, count: int, budget: float, seed: int = SEED,
-          max_restarts: int = 8) -> dict:
-    """Run cases [0, count) in child processes; a process that dies (or kills its CUDA context) is reported
-    with its case and a fresh one goes on from the next case."""
+def _merge_summaries(kind: str, parts: list) -> dict:
+    total = new_summary(kind)
+    for s in parts:
+        for key in ("cases", "stayed_valid", "crashes"):
+            total[key] += s[key]
+        for key in ("paths", "skipped", "mutations"):
+            for name, n in s[key].items():
+                _add(total, key, name, n)
+        total["failures"] += s["failures"]
+        total["stopped_early"] |= s["stopped_early"]
+    return total
+
+
+def _drive_worker(kind, profile, device, first, stride, count, deadline, seed, max_restarts) -> dict:
+    """Cases first, first + stride, ... < count in child processes, restarting after a crash."""
     summary = new_summary(kind)
-    t0 = time.monotonic()
-    start = 0
+    start = first
     here = os.path.abspath(__file__)
     while start < count:
-        left = budget - (time.monotonic() - t0)
+        left = deadline - time.monotonic()
         if left <= 0:
             summary["stopped_early"] = True
             break
         with tempfile.NamedTemporaryFile("r", suffix=".jsonl", delete=False) as f:
             log_path = f.name
         cmd = [sys.executable, here, "run", "--kind", kind, "--profile", profile, "--device", device,
-               "--seed", str(seed), "--start", str(start), "--count", str(count - start),
+               "--seed", str(seed), "--start", str(start), "--end", str(count), "--stride", str(stride),
                "--budget", str(left), "--log", log_path]
         try:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   timeout=left + 120)
             rc, tail = proc.returncode, proc.stdout[-2000:]
         except subprocess.TimeoutExpired as e:
-            rc, tail = "timeout", (e.stdout or b"")[-2000:] if isinstance(e.stdout, bytes) else str(e.stdout)[-2000:]
+            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+            rc, tail = "timeout", out[-2000:]
         with open(log_path) as f:
             lines = [json.loads(line) for line in f if line.strip()]
         os.unlink(log_path)
-        begun, finished, done = None, False, False
+        begun, finished = None, False
         for obj in lines:
             if "begin" in obj:
                 begun = obj["begin"]
@@ -808,26 +827,49 @@ def drive(kind: str, profile: str, device: str, count: int, budget: float, seed:
                 else:
                     merge(summary, obj["end"], obj["r"])
                 begun = None
-                start = obj["end"] + 1
+                start = obj["end"] + stride
             elif obj.get("stopped_early"):
                 summary["stopped_early"] = True
                 finished = True
             elif obj.get("done"):
-                done = True
-        if done or finished:
+                finished = True
+        if finished:
             break
         # The child died without a clean end.
         summary["crashes"] += 1
         if begun is not None:
             summary["cases"] += 1
             summary["failures"].append(f"case {begun}: the process died (exit {rc}) during it; output tail: {tail[-600:]}")
-            start = begun + 1
+            start = begun + stride
         elif rc != 3:
             summary["failures"].append(f"the child process failed (exit {rc}) outside any case: {tail[-1500:]}")
             break
         if summary["crashes"] > max_restarts:
             summary["failures"].append(f"gave up after {summary['crashes']} crashed processes")
             break
+    return summary
+
+
+def drive(kind: str, profile: str, device: str, count: int, budget: float, seed: int = SEED,
+          workers: int = 1, max_restarts: int = 20) -> dict:
+    """Run cases [0, count) in `workers` child processes at once (case i in worker i % workers: Triton's
+    first-call compilations run in parallel); a process that dies (or kills its CUDA context) is reported
+    with its case and a fresh one goes on from the worker's next case."""
+    import threading
+
+    t0 = time.monotonic()
+    deadline = t0 + budget
+    parts = [None] * workers
+
+    def work(w):
+        parts[w] = _drive_worker(kind, profile, device, w, workers, count, deadline, seed, max_restarts)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    summary = _merge_summaries(kind, parts)
     summary["seconds"] = round(time.monotonic() - t0, 1)
     return summary
 
@@ -898,26 +940,39 @@ def test_child_process_driver_survives_a_crash(monkeypatch):
     assert len(s["failures"]) == 1 and s["failures"][0].startswith("case 2: the process died"), s["failures"]
     assert sum(v for k, v in s["paths"].items() if k.startswith("reference direct")) >= 3, s["paths"]
     monkeypatch.delenv("W4A16_FUZZ_CRASH_AT")
-    s = drive("invalid", "cpu", "cpu", 20, 120)
+    s = drive("invalid", "cpu", "cpu", 20, 120, workers=2)
     assert s["cases"] == 20 and not s["failures"] and not s["crashes"], _fail_message(s)
+    assert sum(s["mutations"].values()) == 20
 
 
 # GPU: budgets for an H100, each part in child processes (see drive()).
-GPU_VALID, GPU_VALID_S = 2000, 110
-GPU_INVALID, GPU_INVALID_S = 500, 30
+GPU_VALID, GPU_VALID_S = 2000, 75
+GPU_INVALID, GPU_INVALID_S = 500, 15
+GPU_W_OFFSET, GPU_W_OFFSET_S = 60, 20
+GPU_WORKERS = 4  # child processes at once (the H100 machine has 16 cores for Triton's compiler)
 
 
 @pytest.mark.gpu
 def test_gpu_valid_calls(record_property):
-    s = drive("valid", "gpu", "cuda", GPU_VALID, GPU_VALID_S)
+    s = drive("valid", "gpu", "cuda", GPU_VALID, GPU_VALID_S, workers=GPU_WORKERS)
     _report("gpu valid", s, record_property)
     assert not s["failures"], _fail_message(s)
-    assert s["cases"] >= 200, f"too few cases in the time budget: {format_summary(s)}"
+    assert s["cases"] >= 100, f"too few cases in the time budget: {format_summary(s)}"
+
+
+@pytest.mark.gpu
+def test_gpu_valid_calls_weights_at_odd_offsets(record_property):
+    """qweight / scales / zeros as contiguous views at 4..20-byte offsets inside larger buffers (valid by the
+    contract: contiguous, right dtype and shape), e.g. tensors sliced out of one flat buffer."""
+    s = drive("valid", "gpu_w_offset", "cuda", GPU_W_OFFSET, GPU_W_OFFSET_S, workers=GPU_WORKERS)
+    _report("gpu valid, weights at odd offsets", s, record_property)
+    assert not s["failures"], _fail_message(s)
+    assert s["cases"] >= 20, f"too few cases in the time budget: {format_summary(s)}"
 
 
 @pytest.mark.gpu
 def test_gpu_invalid_calls(record_property):
-    s = drive("invalid", "gpu", "cuda", GPU_INVALID, GPU_INVALID_S)
+    s = drive("invalid", "gpu", "cuda", GPU_INVALID, GPU_INVALID_S, workers=2)
     _report("gpu invalid", s, record_property)
     assert not s["failures"], _fail_message(s)
     assert s["cases"] >= 200, f"too few cases in the time budget: {format_summary(s)}"
