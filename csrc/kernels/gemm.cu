@@ -50,6 +50,7 @@ cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int fo
   const int ipb_min = cdiv(pl.k_iters, max_splits);
   pl.ipb = ipb_fill > ipb_min ? ipb_fill : ipb_min;
   pl.grid = cdiv(total, pl.ipb);
+  if (total + pl.ipb >= (1LL << 31)) return cudaErrorInvalidValue;  // the kernel indexes iterations in int
   pl.rows_alloc = M < 16 * pl.mb ? M : 16 * pl.mb;
   // Stripes that start and end on column boundaries split no column: no cross-block reduction at all.
   pl.ws_floats = (pl.ipb % pl.k_iters) ? (int64_t)pl.grid * 2 * pl.rows_alloc * gemm::kTileN : 0;

@@ -378,8 +378,9 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
     const int m0 = mc * C::MT, n0 = nc * kTileN + warp * 64;
     const int rows = min(C::MT, p.M - m0);
     const bool live = nc * kWarps + warp < p.Nt;
-    const int first = (int)(((long long)col * p.k_iters) / p.ipb);
-    const int last = (int)(((long long)(col + 1) * p.k_iters - 1) / p.ipb);
+    // Contributors first..last (int math: every product here is at most total + ipb < 2^31, checked on the host).
+    const int first = (col * p.k_iters) / p.ipb;
+    const int last = ((col + 1) * p.k_iters - 1) / p.ipb;
     T* out = static_cast<T*>(p.out);
     if (first != last) {
       // Split column: our partial into our slot, then count ourselves in.
@@ -421,7 +422,9 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
         float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
         for (int blk = first; blk <= last; ++blk) {
-          const int e = (col == (int)(((long long)blk * p.ipb) / p.k_iters)) ? 0 : 1;
+          // A contributor after the first starts inside this column (its first column: slot 0); the first one uses
+          // slot 1 when it started in an earlier column (this is its last column).
+          const int e = (blk == first && first * p.ipb < col * p.k_iters) ? 1 : 0;
           const float4 v = __ldcg(reinterpret_cast<const float4*>(p.ws + ((size_t)blk * 2 + e) * slot_floats +
                                                                   (size_t)r * kTileN + c));
           sum.x += v.x;

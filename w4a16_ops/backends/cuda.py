@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 NAME = "cuda"
 
-# From this M on, dequantize + dense GEMM beats the fused mma.sync kernel (measured on an H100: notes/cuda.md).
-DEQUANT_MIN_M = 1024
+# From this M on, dequantize + dense GEMM beats the fused mma.sync kernel (measured on an H100: at M = 256 on every
+# measured layer, at M = 128 not on the large ones; notes/cuda.md).
+DEQUANT_MIN_M = 256
 # Tuning knob (scripts/cuda_timing.py): 0 = as many blocks per SM as fit, else at most that many.
 FORCE_BPS = 0
 
