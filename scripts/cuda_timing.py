@@ -5,7 +5,8 @@
 
 Weights are rotated through enough copies (> 3x the 50 MB L2) that every call finds them cold; all calls of one
 measurement are captured in one CUDA graph; time per call = median replay time / calls. The fp16 baseline
-(F.linear with an fp16 [N, K] weight, rotated the same way) is timed in the same run. G = 128.
+(F.linear with an fp16 [N, K] weight, rotated the same way) is timed in the same run. G = 128 (64 or K where
+128 does not divide K).
 
 Variants: auto = the op as shipped (fp16 x, symmetric); bps1 = one block per SM; fused / dequant
 force one strategy; bf16 = bf16 x; zeros = with zero points.
@@ -28,10 +29,16 @@ import w4a16_ops  # noqa: E402
 from w4a16_ops.backends import cuda as cb  # noqa: E402
 
 L2_BYTES = 50e6
-G = 128
+
+
+def group_for(K):
+    """G = 128 where it divides K (the issue's setting), else 64, else channelwise."""
+    return 128 if K % 128 == 0 else 64 if K % 64 == 0 else K
 VARIANTS = {
     "auto": dict(),
     "bps1": dict(bps=1, dmin=1 << 30),
+    "bps2": dict(bps=2, dmin=1 << 30),
+    "bps3": dict(bps=3, dmin=1 << 30),
     "fused": dict(dmin=1 << 30),
     "dequant": dict(dmin=0),
     "bf16": dict(dtype=torch.bfloat16),
@@ -74,6 +81,7 @@ def copy_bandwidth():
 
 
 def quant_copies(K, N, dtype, zeros, copies):
+    G = group_for(K)
     Kt, Nt = -(-K // 16), -(-N // 64)
     out = []
     for _ in range(copies):
@@ -102,44 +110,58 @@ def main():
     print(f"device: {dev}; copy bandwidth {bw:.0f} GB/s (read + write)", flush=True)
     rows = []
     for K, N in shapes:
-        w16_bytes = 2 * K * N
-        n16 = max(2, math.ceil(3 * L2_BYTES / w16_bytes))
-        w16 = [torch.randn(N, K, device="cuda", dtype=torch.float16) / math.sqrt(K) for _ in range(n16)]
-        nq = max(2, math.ceil(3 * L2_BYTES / (K * N / 2)))
-        packs = {}
-        for M in ms:
-            x16 = torch.randn(M, K, device="cuda", dtype=torch.float16)
-            ncalls = max(24, n16)
-            t16 = time_calls([lambda i=i: F.linear(x16, w16[i % n16]) for i in range(ncalls)], args.reps)
-            for v in variants:
-                cfg = VARIANTS[v]
-                dtype, zeros = cfg.get("dtype", torch.float16), cfg.get("zeros", False)
-                if (dtype, zeros) not in packs:
-                    packs[(dtype, zeros)] = quant_copies(K, N, dtype, zeros, nq)
-                wq = packs[(dtype, zeros)]
-                x = x16.to(dtype)
-                cb.FORCE_BPS = cfg.get("bps", 0)
-                cb.DEQUANT_MIN_M = cfg.get("dmin", DEFAULT_DMIN)
-                nc = max(24, nq)
-                try:
-                    t = time_calls([lambda i=i: w4a16_ops.gemm(x, *wq[i % nq]) for i in range(nc)], args.reps)
-                finally:
-                    cb.FORCE_BPS, cb.DEQUANT_MIN_M = 0, DEFAULT_DMIN
-                nbytes = K * N / 2 + 2 * N * K / G + (N * K / (2 * G) if zeros else 0) + 2 * M * K + 2 * M * N
-                row = dict(device=dev, K=K, N=N, M=M, variant=v, fp16_us=round(t16, 2), us=round(t, 2),
-                           ratio=round(t16 / t, 3), GBps=round(nbytes / t / 1e3), bw_frac=round(nbytes / t / 1e3 / bw, 3))
-                rows.append(row)
-                print(f"{K:>6}x{N:<6} M={M:<5} {v:<8} fp16 {t16:8.2f} us  w4a16 {t:8.2f} us  "
-                      f"ratio {t16 / t:5.2f}x  {row['GBps']:>5} GB/s ({row['bw_frac']:.0%} of copy)", flush=True)
-        del w16, packs
+        try:
+            rows += run_shape(K, N, ms, variants, args.reps, dev, bw)
+        except Exception as e:  # one bad shape must not lose the others' numbers
+            print(f"{K}x{N}: FAILED {type(e).__name__}: {e}", flush=True)
         torch.cuda.empty_cache()
+    print_table(rows, args.out)
+
+
+def run_shape(K, N, ms, variants, reps, dev, bw):
+    rows = []
+    G = group_for(K)
+    w16_bytes = 2 * K * N
+    n16 = max(2, math.ceil(3 * L2_BYTES / w16_bytes))
+    w16 = [torch.randn(N, K, device="cuda", dtype=torch.float16) / math.sqrt(K) for _ in range(n16)]
+    nq = max(2, math.ceil(3 * L2_BYTES / (K * N / 2)))
+    packs = {}
+    for M in ms:
+        x16 = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        ncalls = max(24, n16)
+        t16 = time_calls([lambda i=i: F.linear(x16, w16[i % n16]) for i in range(ncalls)], reps)
+        for v in variants:
+            cfg = VARIANTS[v]
+            dtype, zeros = cfg.get("dtype", torch.float16), cfg.get("zeros", False)
+            if (dtype, zeros) not in packs:
+                packs[(dtype, zeros)] = quant_copies(K, N, dtype, zeros, nq)
+            wq = packs[(dtype, zeros)]
+            x = x16.to(dtype)
+            cb.FORCE_BPS = cfg.get("bps", 0)
+            cb.DEQUANT_MIN_M = cfg.get("dmin", DEFAULT_DMIN)
+            nc = max(24, nq)
+            try:
+                t = time_calls([lambda i=i: w4a16_ops.gemm(x, *wq[i % nq]) for i in range(nc)], reps)
+            finally:
+                cb.FORCE_BPS, cb.DEQUANT_MIN_M = 0, DEFAULT_DMIN
+            nbytes = K * N / 2 + 2 * N * K / G + (N * K / (2 * G) if zeros else 0) + 2 * M * K + 2 * M * N
+            row = dict(device=dev, K=K, N=N, M=M, variant=v, fp16_us=round(t16, 2), us=round(t, 2),
+                       ratio=round(t16 / t, 3), GBps=round(nbytes / t / 1e3), bw_frac=round(nbytes / t / 1e3 / bw, 3))
+            rows.append(row)
+            print(f"{K:>6}x{N:<6} M={M:<5} {v:<8} fp16 {t16:8.2f} us  w4a16 {t:8.2f} us  "
+                  f"ratio {t16 / t:5.2f}x  {row['GBps']:>5} GB/s ({row['bw_frac']:.0%} of copy)", flush=True)
+    del w16, packs
+    return rows
+
+
+def print_table(rows, out):
     print("\n| K x N | M | variant | fp16 (us) | w4a16 (us) | ratio | GB/s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['K']} x {r['N']} | {r['M']} | {r['variant']} | {r['fp16_us']} | {r['us']} | {r['ratio']}x | {r['GBps']} |")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "cuda_timing.csv"), "w", newline="") as f:
+    if out and rows:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "cuda_timing.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
