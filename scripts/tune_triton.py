@@ -58,8 +58,8 @@ def candidates(M: int):
     """Configurations worth timing at this M. num_warps=2 runs the nibble dots on mma.sync (no warpgroup),
     4 or 8 on wgmma with the weights as register operand."""
     if M <= 16:
-        return [_nib(16, 128, 128), _nib(16, 256, 128, w=8, st=3), _nib(16, 64, 128, w=2, pps=4),
-                _nib(16, 64, 128, w=2, st=6, pps=8), _nib(16, 128, 128, w=2, pps=4), _nib(16, 64, 256, w=2, st=3, pps=4)]
+        return [_nib(16, 64, 64, w=2, st=6, pps=8), _nib(16, 64, 128, w=2, st=4, pps=6), _nib(16, 64, 128, w=2, st=4, pps=4),
+                _nib(16, 128, 128, w=4, st=4, pps=4), _nib(16, 128, 64, w=4, st=6, pps=4), _nib(16, 256, 128, w=8, st=3)]
     if M <= 32:
         return [_nib(32, 128, 128), _nib(32, 256, 128, w=8, st=3), _nib(32, 64, 128, w=2, pps=4),
                 _den(32, 128, 64, w=4, st=4, split="auto", pps=2)]
@@ -101,9 +101,11 @@ def triton_calls(M, K, N, G, dtype, cfg):
 
 def cfg_name(cfg) -> str:
     if cfg["kernel"] == "nibble":
-        return f"nib{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}s{cfg['num_stages']}p{cfg['programs_per_sm']}"
+        split = cfg.get("split_k", 1)
+        tail = f"p{cfg.get('programs_per_sm', 2)}" if split == "auto" else f"k{split}"
+        return f"nib{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}s{cfg['num_stages']}{tail}"
     return (f"den{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}s{cfg['num_stages']}"
-            f"g{cfg['GROUP_M']}{'k' if cfg['split_k'] == 'auto' else ''}")
+            f"g{cfg.get('GROUP_M', 8)}{'k' if cfg.get('split_k', 1) == 'auto' else ''}")
 
 
 def main(argv=None):

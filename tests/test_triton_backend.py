@@ -26,7 +26,8 @@ ON_GPU = torch.cuda.is_available()
 PATHS = {
     "nibble": dict(kernel="nibble", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, split_k=1),
     "nibble_splitk": dict(kernel="nibble", BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, split_k=2),
-    "nibble_groups": dict(kernel="nibble", BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, split_k=1),
+    "nibble_groups": dict(kernel="nibble", BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, split_k=1, keep_block_k=True),
+    "nibble_g": dict(kernel="nibble", BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, split_k=2),
     "dense": dict(kernel="dense", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, split_k=1, GROUP_M=2),
     "dense_multigroup": dict(kernel="dense", BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, split_k=1, GROUP_M=2),
     "dense_splitk": dict(kernel="dense", BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, split_k=3, GROUP_M=1),
@@ -114,7 +115,7 @@ def test_table_covers_every_m(cap):
             assert cfg["kernel"] in ("nibble", "dense")
             assert cfg["BLOCK_N"] % 64 == 0
             if cfg["kernel"] == "nibble":
-                assert cfg["BLOCK_K"] % 64 == 0
+                assert cfg["BLOCK_K"] % 32 == 0
             else:
                 assert cfg["BLOCK_K"] % 16 == 0
 

@@ -128,10 +128,11 @@ def select_config(p) -> dict:
 def _legalize(cfg: dict, p) -> dict:
     """A copy of a table entry adjusted to the group size. Every entry is legal for every G (the kernels
     handle several groups per K tile), but the nibble kernel pays for each extra group in a K tile (its dots
-    run once per group), so its K tile shrinks to max(64, G), with proportionally more pipeline stages."""
+    run once per group), so its K tile shrinks to G, with proportionally more pipeline stages
+    ('keep_block_k': true in an entry turns this off)."""
     cfg = dict(cfg)
-    if cfg["kernel"] == "nibble" and p.G != p.K and p.G < cfg["BLOCK_K"]:
-        bk = max(64, p.G)
+    if cfg["kernel"] == "nibble" and p.G != p.K and p.G < cfg["BLOCK_K"] and not cfg.get("keep_block_k"):
+        bk = p.G
         cfg["num_stages"] = min(8, cfg.get("num_stages", 3) * cfg["BLOCK_K"] // bk)
         cfg["BLOCK_K"] = bk
     return cfg
@@ -208,7 +209,7 @@ def launch(x2d, qweight, scales, zeros, p, out, cfg: dict) -> None:
             x2d, qweight, scales, z_arg, dst, M, N, K,
             x2d.stride(0), x2d.stride(1), qweight.shape[1], N, M * N, per,
             G=G, HAS_ZEROS=has_zeros, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-            PARTIAL=split > 1, USE_ASM=_use_asm(p), **common,
+            PARTIAL=split > 1, USE_ASM=_use_asm(p), EVEN_K=K % BK == 0, **common,
         )
     elif cfg["kernel"] == "dense":
         grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), split)

@@ -25,9 +25,10 @@ q = (slab, t4), and computes EIGHT dots per K tile, one per nibble i = (b, blk, 
 where deq_i is elementwise (so the compiler loads Wd straight into the dot-operand register layout) and
 the four x slices (h, b) are cut from the natural x tile. Output rows are n = 64 tile + 16 j + 8 blk + c.
 
-Dequantization without int->float conversion: (q | 0x6400) read as fp16 is 1024 + q and (q | 0x4300)
-read as bf16 is 128 + q, both exact; subtracting (MAGIC + 8) gives the exact integer q - 8. The zero
-point enters as a rank-1 correction (q - z = (q - 8) - (z - 8)): acc -= (z - 8) * s * sum_k x. Scales are
+Dequantization without int->float conversion: a nibble shifted into the mantissa bits of weight 1 of
+16.0 (fp16: bits 6-9, bf16: bits 3-6) and or-ed with 16.0's exponent reads as 16 + q, exactly. The
+offset 16 + z (z = 8 without zero points) is removed per K tile with one more dot, ones @ X, that gives
+the column sums of x: acc += (p - (16 + z) * colsum(x)) * s. Scales are
 applied to the fp32 partial sums of each group (a K tile with several groups runs its dots once per
 group against x with the other groups' rows zeroed) or once at the end for channelwise G = K.
 
@@ -72,88 +73,43 @@ def _deq_nibble(words, NIB: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _deq_byte(words, E: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
-    """(q - 8) of nibbles 2E (low) and 2E + 1 (high) of every word: two DTYPE tensors of words' shape.
+def _deq_pair(w2, NIB: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
+    """w2 [R, 2Q] holds every word twice (columns 2 q and 2 q + 1). Returns 16 + q of nibble NIB of the first
+    copy and of nibble NIB + 4 of the second one, i.e. of the weights of rows k and k + 1 (b = 0, 1) of the
+    word's column: exact, in DTYPE. (The kernel removes the 16 + z offset with one extra dot per K tile.)
 
-    With USE_ASM, pairs of consecutive elements (the k pair a thread holds in the dot-operand layout)
-    are packed into f16x2 / bf16x2: prmt gathers byte E of both words, one lop3 per nibble inserts it
-    into the mantissa of a magic number (1024 + q for the low nibble, 64 + q for the high one in fp16; bf16
-    has 7 mantissa bits, so its high nibble is shifted down first and both use 128 + q) and a packed
-    subtract removes magic + 8.
+    With USE_ASM the two copies arrive in one instance (they are consecutive elements of a thread, the k
+    pair of the dot-operand layout) and become one f16x2 / bf16x2 register in two instructions: a shift
+    puts nibbles NIB and NIB + 4 at the mantissa bits of weight 1 of 16.0 (bits 6-9 of each half in fp16,
+    3-6 in bf16) and one lop3 masks them and ors in the exponent of 16.
     """
-    if USE_ASM:
-        SEL: tl.constexpr = E | (E << 4) | ((4 + E) << 8) | ((4 + E) << 12)
-        if DTYPE == tl.bfloat16:
-            lo, hi = tl.inline_asm_elementwise(
-                asm=f"""{{
-                .reg .b32 t, c0, c1;
-                prmt.b32 t, $2, $3, {SEL};
-                lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA;
-                shr.u32 t, t, 4;
-                lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA;
-                mov.b32 c0, 0x43084308;
-                sub.bf16x2 $0, $0, c0;
-                sub.bf16x2 $1, $1, c0;
-                }}""",
-                constraints="=r,=r,r,r",
-                args=[words],
-                dtype=(tl.bfloat16, tl.bfloat16),
-                is_pure=True,
-                pack=2,
-            )
-        else:
-            lo, hi = tl.inline_asm_elementwise(
-                asm=f"""{{
-                .reg .b32 t, c0, c1;
-                prmt.b32 t, $2, $3, {SEL};
-                lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA;
-                lop3.b32 $1, t, 0x00F000F0, 0x54005400, 0xEA;
-                mov.b32 c0, 0x64086408;
-                mov.b32 c1, 0x54805480;
-                sub.f16x2 $0, $0, c0;
-                sub.f16x2 $1, $1, c1;
-                }}""",
-                constraints="=r,=r,r,r",
-                args=[words],
-                dtype=(tl.float16, tl.float16),
-                is_pure=True,
-                pack=2,
-            )
-        return lo, hi
+    if DTYPE == tl.bfloat16:
+        LOW: tl.constexpr = 3  # bit position of the nibble, weight 1 at exponent 4 (7 mantissa bits)
+        MAGIC: tl.constexpr = 0x4180  # 16.0
     else:
-        return _deq_nibble(words, 2 * E, DTYPE), _deq_nibble(words, 2 * E + 1, DTYPE)
-
-
-@triton.jit
-def _x_slices(xt, S: tl.constexpr, BLOCK_M: tl.constexpr):
-    """x^T tile [16 S, BLOCK_M] (rows k = 16 s + 8 h + 2 t4 + b) -> four [4 S, BLOCK_M] slices
-    x_hb (rows q = 4 s + t4), returned as (x00, x01, x10, x11) with index (h, b)."""
-    x5 = tl.reshape(xt, [S, 2, 4, 2, BLOCK_M])
-    x5 = tl.permute(x5, (0, 2, 4, 1, 3))  # [s, t4, m, h, b]
-    x4 = tl.reshape(x5, [4 * S, BLOCK_M, 2, 2])
-    x_b0, x_b1 = tl.split(x4)  # [q, m, h]
-    x00, x10 = tl.split(x_b0)
-    x01, x11 = tl.split(x_b1)
-    return x00, x01, x10, x11
-
-
-# --------------------------------------------------------------------------------------------------------
-# Decode / medium-M kernel: weights as the register A operand, one dot per nibble
-# --------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _nibble_dots(w00_h0, w00_h1, w01_h0, w01_h1, w10_h0, w10_h1, w11_h0, w11_h1, x00, x01, x10, x11):
-    """The eight nibble dots of one K tile: partial sums for the blk = 0 and blk = 1 output rows."""
-    p0 = tl.dot(w00_h0, x00)
-    p0 = tl.dot(w10_h0, x01, p0)
-    p0 = tl.dot(w00_h1, x10, p0)
-    p0 = tl.dot(w10_h1, x11, p0)
-    p1 = tl.dot(w01_h0, x00)
-    p1 = tl.dot(w11_h0, x01, p1)
-    p1 = tl.dot(w01_h1, x10, p1)
-    p1 = tl.dot(w11_h1, x11, p1)
-    return p0, p1
+        LOW: tl.constexpr = 6  # 10 mantissa bits
+        MAGIC: tl.constexpr = 0x4C00  # 16.0
+    if USE_ASM:
+        if LOW >= 4 * NIB:
+            SHIFT: tl.constexpr = f"shl.b32 t, $1, {LOW - 4 * NIB};"
+        else:
+            SHIFT: tl.constexpr = f"shr.u32 t, $1, {4 * NIB - LOW};"
+        MASK: tl.constexpr = (15 << LOW) * 0x10001
+        MAGIC2: tl.constexpr = MAGIC * 0x10001
+        ASM: tl.constexpr = f"""{{
+            .reg .b32 t;
+            {SHIFT}
+            lop3.b32 $0, t, {MASK}, {MAGIC2}, 0xEA;
+            }}"""
+        if DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise(ASM, "=r,r,r", [w2], dtype=tl.bfloat16, is_pure=True, pack=2)
+        else:
+            return tl.inline_asm_elementwise(ASM, "=r,r,r", [w2], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        b = tl.arange(0, w2.shape[1]) % 2
+        shift = (4 * NIB + 16 * b)[None, :]
+        q = (w2 >> shift) & 15
+        return ((q << LOW) | MAGIC).to(tl.int16).to(DTYPE, bitcast=True)
 
 
 @triton.jit
@@ -172,19 +128,19 @@ def _group_raw(s_ptr, z_ptr, g, pid_n, N, n_lim, HAS_ZEROS: tl.constexpr, BLOCK_
 
 @triton.jit
 def _group_params(s_row, z_row, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """fp32 scales and (z - 8) for the rows of the two halves (r = (tile, c, j), n = 64 tile + 16 j + 8 blk
-    + c), permuted from the natural-order rows of _group_raw in registers."""
+    """fp32 scales and offsets 16 + z (24 without zero points) for the rows of the two halves (r = (tile, c,
+    j), n = 64 tile + 16 j + 8 blk + c), permuted from the natural-order rows of _group_raw in registers."""
     NT: tl.constexpr = BLOCK_N // 64
     s4 = tl.permute(tl.reshape(s_row.to(tl.float32), [NT, 4, 2, 8]), (0, 3, 1, 2))  # [tile, c, j, blk]
     s0, s1 = tl.split(tl.reshape(s4, [BLOCK_N // 2, 2]))
     if HAS_ZEROS:
         z3 = tl.reshape(z_row, [NT, 1, 4, 2])  # [tile, 1, j, blk]: the word of columns 16 j + 8 blk + (0..7)
         shift = 4 * tl.arange(0, 8)[None, :, None, None]  # nibble c
-        dz4 = ((z3 >> shift) & 15) - 8  # [tile, c, j, blk]
+        dz4 = ((z3 >> shift) & 15) + 16  # [tile, c, j, blk]
         dz0, dz1 = tl.split(tl.reshape(dz4.to(tl.float32), [BLOCK_N // 2, 2]))
     else:
-        dz0 = tl.zeros_like(s0)
-        dz1 = tl.zeros_like(s1)
+        dz0 = tl.full(s0.shape, 24.0, tl.float32)
+        dz1 = tl.full(s1.shape, 24.0, tl.float32)
     return s0, s1, dz0, dz1
 
 
@@ -200,15 +156,26 @@ def nibble_gemm_kernel(
     G: tl.constexpr,  # group size, 0 = channelwise (one group)
     HAS_ZEROS: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows of x per program (the dot's N: 16 .. 64)
-    BLOCK_N: tl.constexpr,  # output columns per program, multiple of 64 (two dots of BLOCK_N / 2 rows)
-    BLOCK_K: tl.constexpr,  # multiple of 64 (each nibble dot has K = BLOCK_K / 4 >= 16)
+    BLOCK_N: tl.constexpr,  # output columns per program, multiple of 64 (two halves of BLOCK_N / 2 rows)
+    BLOCK_K: tl.constexpr,  # multiple of 32 (each dot has K = BLOCK_K / 2 >= 16)
     PARTIAL: tl.constexpr,  # out_ptr is fp32 split-K partials [split, M, N] (splitk_reduce_kernel sums them)
     USE_ASM: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks
 ):
-    """Scales: channelwise (G = 0) once in the epilogue; otherwise on the fp32 partial sums of each group.
-    A K tile holding NGT > 1 groups runs the eight dots once per group against x with the other groups'
-    rows zeroed: the dequantized weights stay in registers, the tensor cores (idle at small M) do the
-    extra work, and no weight is ever multiplied by a scale."""
+    """out^T tile = W^T tile @ x^T tile as four dots per K tile, one per (blk, h):
+
+        p_blk += dot(A_blk_h [R, 2 Q], X_h [2 Q, BLOCK_M])   for h = 0, 1
+
+    A_blk_h[r, 2 q + b] is nibble 4 b + 2 blk + h of word[r, q] (rows r = (tile, c, j), columns q = (slab,
+    t4)), built elementwise from the words loaded twice side by side, so the compiler loads them straight
+    into the dot-operand registers; X_h[(slab, t4, b), m] = x[m, 16 slab + 8 h + 2 t4 + b] is 8 contiguous
+    k per slab, loaded (and pipelined) straight from x. Output row r of half blk is column
+    n = 64 tile + 16 j + 8 blk + c.
+
+    Scales: channelwise (G = 0) once in the epilogue; otherwise on the fp32 partial sums of each group. A K
+    tile holding NGT > 1 groups runs its dots once per group against X with the other groups' rows masked
+    off at the load (the dequantized weights stay in registers; no weight is multiplied by a scale).
+    """
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
     R: tl.constexpr = BLOCK_N // 2
     Q: tl.constexpr = BLOCK_K // 4
@@ -231,23 +198,33 @@ def nibble_gemm_kernel(
     n1 = n0 + 8
     word_r = tile * 128 + 16 * cc + jj
     tile_ok = tile < stride_qk // 128
-    # Columns q = (slab, t4).
-    q = tl.arange(0, Q)
-    word_q = 4 * (q % 4)
-    slab_q = q // 4
+    # Word columns q = (slab, t4), each loaded twice (b = 0, 1).
+    q2 = tl.arange(0, 2 * Q)
+    word_q = 4 * ((q2 // 2) % 4)
+    slab_q = q2 // 8
     k_slabs = (K + 15) // 16
+    # X_h rows (slab, t4, b): k = 16 slab + 8 h + (2 t4 + b).
+    k_q = 16 * slab_q + q2 % 8
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    offs_k = tl.arange(0, BLOCK_K)
     x_row = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm
 
     k_tile_begin = pid_k * k_tiles_per_split
     k_tile_end = tl.minimum(k_tile_begin + k_tiles_per_split, tl.cdiv(K, BLOCK_K))
 
+    # Loop-carried pointers (advanced by one K tile per iteration).
+    w_ptrs = qw_ptr + (k_tile_begin * S + slab_q)[None, :].to(tl.int64) * stride_qk + word_r[:, None] + word_q[None, :]
+    x0_ptrs = x_row + (k_tile_begin * BLOCK_K + k_q)[:, None] * stride_xk
+    w_mask = tile_ok[:, None]  # widened with the K bound on a partial last tile
+    x_mask = m_ok[None, :]
+
     acc0 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
-    xsum_all = tl.zeros([BLOCK_M], dtype=tl.float32)
+    ones = tl.full([R, 2 * Q], 1.0, DTYPE)
+    if G == 0:
+        s_cw, z_cw = _group_raw(s_ptr, z_ptr, 0, pid_n, N, N, HAS_ZEROS, BLOCK_N)
+        s0_cw, s1_cw, dz0_cw, dz1_cw = _group_params(s_cw, z_cw, HAS_ZEROS, BLOCK_N)
     if G > 0 and NGT == 1:
         # One group per K tile: its scales are prefetched one tile ahead (into registers).
         s_nxt, z_nxt = _group_raw(s_ptr, z_ptr, (k_tile_begin * BLOCK_K) // G, pid_n, N,
@@ -259,64 +236,49 @@ def nibble_gemm_kernel(
             z_cur = z_nxt
             s_nxt, z_nxt = _group_raw(s_ptr, z_ptr, (k0 + BLOCK_K) // G, pid_n, N,
                                       tl.where(kt + 1 < k_tile_end, N, 0), HAS_ZEROS, BLOCK_N)
-        slab = kt * S + slab_q
-        words = tl.load(
-            qw_ptr + slab[None, :].to(tl.int64) * stride_qk + word_r[:, None] + word_q[None, :],
-            mask=tile_ok[:, None] & (slab < k_slabs)[None, :],
-            other=0,
-        )
-        kk = k0 + offs_k
-        xt = tl.load(x_row + kk[:, None] * stride_xk, mask=(kk < K)[:, None] & m_ok[None, :], other=0.0)
-
-        # nibble = 4 b + 2 blk + h; byte E = 2 b + blk holds (h = 0, h = 1).
-        w00_h0, w00_h1 = _deq_byte(words, 0, DTYPE, USE_ASM)  # b 0, blk 0
-        w01_h0, w01_h1 = _deq_byte(words, 1, DTYPE, USE_ASM)  # b 0, blk 1
-        w10_h0, w10_h1 = _deq_byte(words, 2, DTYPE, USE_ASM)  # b 1, blk 0
-        w11_h0, w11_h1 = _deq_byte(words, 3, DTYPE, USE_ASM)  # b 1, blk 1
-
-        if G == 0:
-            x00, x01, x10, x11 = _x_slices(xt, S, BLOCK_M)
-            p0, p1 = _nibble_dots(w00_h0, w00_h1, w01_h0, w01_h1, w10_h0, w10_h1, w11_h0, w11_h1,
-                                  x00, x01, x10, x11)
-            acc0 += p0
-            acc1 += p1
-            if HAS_ZEROS:
-                xsum_all += tl.sum(xt.to(tl.float32), axis=0)
+        if EVEN_K:
+            w2 = tl.load(w_ptrs, mask=w_mask, other=0)
         else:
-            x00, x01, x10, x11 = _x_slices(xt, S, BLOCK_M)
-            for gi in tl.static_range(NGT):
-                g = k0 // G + gi
-                if NGT == 1:
-                    xg = xt
-                    p0, p1 = _nibble_dots(w00_h0, w00_h1, w01_h0, w01_h1, w10_h0, w10_h1, w11_h0, w11_h1,
-                                          x00, x01, x10, x11)
-                else:
-                    xg = tl.where((offs_k // G == gi)[:, None], xt, 0.0)
-                    in_g = (slab_q // (G // 16) == gi)[:, None]  # slice rows q = (slab, t4) of group gi
-                    p0, p1 = _nibble_dots(w00_h0, w00_h1, w01_h0, w01_h1, w10_h0, w10_h1, w11_h0, w11_h1,
-                                          tl.where(in_g, x00, 0.0), tl.where(in_g, x01, 0.0),
-                                          tl.where(in_g, x10, 0.0), tl.where(in_g, x11, 0.0))
+            w2 = tl.load(w_ptrs, mask=w_mask & (kt * S + slab_q < k_slabs)[None, :], other=0)
+        w_ptrs += S * stride_qk
+        a00 = _deq_pair(w2, 0, DTYPE, USE_ASM)  # blk 0, h 0
+        a01 = _deq_pair(w2, 1, DTYPE, USE_ASM)  # blk 0, h 1
+        a10 = _deq_pair(w2, 2, DTYPE, USE_ASM)  # blk 1, h 0
+        a11 = _deq_pair(w2, 3, DTYPE, USE_ASM)  # blk 1, h 1
+        for gi in tl.static_range(NGT):
+            if EVEN_K:
+                xmask = x_mask
+            else:
+                xmask = x_mask & (k0 + k_q < K)[:, None]
+            if NGT > 1:
+                xmask = xmask & (slab_q // (G // 16) == gi)[:, None]
+            x0 = tl.load(x0_ptrs, mask=xmask, other=0.0)
+            x1 = tl.load(x0_ptrs + 8 * stride_xk, mask=xmask, other=0.0)
+            p0 = tl.dot(a00, x0)
+            p0 = tl.dot(a01, x1, p0)
+            p1 = tl.dot(a10, x0)
+            p1 = tl.dot(a11, x1, p1)
+            # Column sums of x, broadcast to every row, for the 16 + z offsets (tensor cores are idle).
+            xs = tl.dot(ones, x0)
+            xs = tl.dot(ones, x1, xs)
+            if G == 0:
+                acc0 += p0 - dz0_cw[:, None] * xs
+                acc1 += p1 - dz1_cw[:, None] * xs
+            else:
                 if NGT == 1:
                     s0, s1, dz0, dz1 = _group_params(s_cur, z_cur, HAS_ZEROS, BLOCK_N)
                 else:
+                    g = k0 // G + gi
                     n_lim = tl.where(g * G < K, N, 0)  # a group past K (last tile) reads nothing
                     s_row, z_row = _group_raw(s_ptr, z_ptr, g, pid_n, N, n_lim, HAS_ZEROS, BLOCK_N)
                     s0, s1, dz0, dz1 = _group_params(s_row, z_row, HAS_ZEROS, BLOCK_N)
-                if HAS_ZEROS:
-                    xsum = tl.sum(xg.to(tl.float32), axis=0)
-                    p0 -= dz0[:, None] * xsum[None, :]
-                    p1 -= dz1[:, None] * xsum[None, :]
-                acc0 += p0 * s0[:, None]
-                acc1 += p1 * s1[:, None]
+                acc0 += (p0 - dz0[:, None] * xs) * s0[:, None]
+                acc1 += (p1 - dz1[:, None] * xs) * s1[:, None]
+        x0_ptrs += BLOCK_K * stride_xk
 
     if G == 0:
-        s_row, z_row = _group_raw(s_ptr, z_ptr, 0, pid_n, N, N, HAS_ZEROS, BLOCK_N)
-        s0, s1, dz0, dz1 = _group_params(s_row, z_row, HAS_ZEROS, BLOCK_N)
-        if HAS_ZEROS:
-            acc0 -= dz0[:, None] * xsum_all[None, :]
-            acc1 -= dz1[:, None] * xsum_all[None, :]
-        acc0 = acc0 * s0[:, None]
-        acc1 = acc1 * s1[:, None]
+        acc0 = acc0 * s0_cw[:, None]
+        acc1 = acc1 * s1_cw[:, None]
 
     o_off = offs_m[None, :].to(tl.int64) * stride_om
     n0_ok = n0 < N
