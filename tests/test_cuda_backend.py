@@ -136,8 +136,8 @@ def test_deterministic_and_locks_left_zero(cuda_ready):
     torch.cuda.synchronize()
     for key, buf in cuda_backend._locks_cache.items():
         assert int(buf.abs().sum()) == 0, f"lock counters not back to zero for {key}"
-    for dev, pool in cuda_backend._locks_pool.items():
-        assert all(int(b.abs().sum()) == 0 for b in pool), f"pooled lock counters not zero on device {dev}"
+    for dev, (arena, _) in cuda_backend._locks_arena.items():
+        assert int(arena.abs().sum()) == 0, f"captured-call lock counters not zero on device {dev}"
 
 
 @pytest.mark.gpu
@@ -149,17 +149,43 @@ def test_cuda_graph_replay(cuda_ready, monkeypatch):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        w4a16_ops.gemm(x, *case.args[1:])  # warm-up on the capture stream
+        w4a16_ops.gemm(x, *case.args[1:])  # warm-up on a side stream (zeroes the device's lock arena)
     torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = w4a16_ops.gemm(x, *case.args[1:])
+    used = cuda_backend._locks_arena[x.device.index][1]
+    graphs, ys = [], []
+    for _ in range(2):  # two graphs captured on one stream: each captured call must own its counters
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            ys.append(w4a16_ops.gemm(x, *case.args[1:]))
+        graphs.append(g)
+    assert cuda_backend._locks_arena[x.device.index][1] >= used + 2 * 32, "captured calls share lock counters"
     for _ in range(2):
         x.copy_(torch.randn_like(x))
-        g.replay()
+        for g in graphs:
+            g.replay()
         torch.cuda.synchronize()
         expected = w4a16_ops.gemm(x, *case.args[1:])
-        assert torch.equal(y, expected), "graph replay differs from an eager call"
+        for y in ys:
+            assert torch.equal(y, expected), "graph replay differs from an eager call"
+
+
+@pytest.mark.gpu
+def test_weights_at_unaligned_offsets(cuda_ready):
+    # Contiguous views at an odd offset into flat buffers are valid weights: the backend copies them aligned.
+    M, K, N, G = 5, 512, 192, 64
+    case = make_case(M, K, N, G, zeros=True, dtype=torch.float16, device="cuda")
+
+    def shifted(t, by):
+        flat = torch.empty(t.numel() + by, dtype=t.dtype, device=t.device)
+        view = flat[by:].view(t.shape)
+        view.copy_(t)
+        assert view.data_ptr() % 16 != 0
+        return view
+
+    odd = case._replace(qweight=shifted(case.qweight, 1), scales=shifted(case.scales, 1), zeros=shifted(case.zeros, 1))
+    for m in (M, cuda_backend.DEQUANT_MIN_M):  # both strategies
+        c = odd._replace(x=torch.randn(m, K, device="cuda", dtype=torch.float16))
+        assert_close_to_reference(run_backend("cuda", c), c, f"unaligned weights M={m}")
 
 
 # ---------------------------------------------------------------- CPU: dispatch rules

@@ -44,6 +44,10 @@ void check_weights(const char* op, const at::Tensor& qweight, const at::Tensor& 
                   qweight.size(0) == (K + 15) / 16 && qweight.size(1) == (N + 63) / 64 * 128,
               op, ": qweight must be contiguous int32 [", (K + 15) / 16, ", ", (N + 63) / 64 * 128, "], got ",
               qweight.scalar_type(), " ", qweight.sizes());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(qweight.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(scales.data_ptr()) % 16 == 0,
+              op, ": qweight and scales must be 16-byte aligned (the kernels read them with 16-byte loads); "
+              "copy them (w4a16_ops/backends/cuda.py does)");
   if (zeros.has_value()) {
     const at::Tensor& z = *zeros;
     TORCH_CHECK(z.device() == device && z.scalar_type() == at::kInt && z.is_contiguous() && z.dim() == 2 &&

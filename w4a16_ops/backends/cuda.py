@@ -7,10 +7,15 @@ Two strategies, chosen by M inside gemm():
 - M >= DEQUANT_MIN_M: dequantize the weight once (torch.ops.w4a16._cuda_dequantize) and run a dense torch.mm.
 
 The lock counters the fused kernel needs are zero before and after every launch (the kernel resets them), so they
-are allocated once and reused: each (device, stream) gets its own buffer, so concurrent streams never share one.
-Buffers are zeroed outside any CUDA-graph capture, a pool of them at the first call on a device, so a capture on a
-new stream (torch.cuda.graph's own, torch.compile's) takes a pre-zeroed one and records no memset. Only when the
-pool is exhausted (or the very first call is captured) does a capture get a per-call zeroed buffer.
+are allocated once and reused. Eager calls use one buffer per (device, stream), so concurrent streams never share
+one. A call captured into a CUDA graph gets its own slice of a per-device arena zeroed at the first eager call, so
+two graphs (even captured on one stream) replayed at once, or a replay next to eager calls, never share counters
+and the graph records no memset; only when the arena is used up (or the very first call on a device is captured)
+does a captured call get a zeroed buffer of its own, whose memset is recorded in the graph.
+
+Weights that are contiguous but not 16-byte aligned (a view at an odd offset into a flat buffer) are copied to
+aligned storage per call (the kernels read them with 16-byte loads). The dense GEMM of the large-M path runs with
+fp16/bf16 reduced-precision reductions disallowed, so it accumulates in fp32 like the fused kernel.
 """
 
 from __future__ import annotations
@@ -57,34 +62,34 @@ def unsupported_reason(p) -> Optional[str]:
     return None
 
 
-_LOCKS_PER_BUFFER = 1 << 16  # counters per buffer: ceil(M / 64) * ceil(N / 64) <= 65536 covers M < 1024, N <= 4M
-_POOL_SIZE = 8
+_LOCKS_PER_BUFFER = 1 << 16  # counters per eager buffer (grown when a call needs more)
+_ARENA_INTS = 1 << 22  # 16 MB per device: about 9000 captured calls of 8192 x 28672 at M < 256
 _locks_cache: dict = {}  # (device index, stream) -> int32 buffer, all zero between launches
-_locks_pool: dict = {}  # device index -> pre-zeroed buffers not yet given to a stream
+_locks_arena: dict = {}  # device index -> [zeroed int32 tensor, next free offset]
 
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device)
-    key = (device.index, stream.cuda_stream)
+    if torch.cuda.is_current_stream_capturing():
+        arena = _locks_arena.get(device.index)
+        if arena is not None and arena[1] + n <= arena[0].numel():
+            start = arena[1]
+            arena[1] += -(-n // 32) * 32  # slices 128-byte aligned; never handed out twice
+            return arena[0][start : start + n]
+        # Memory allocated during a capture belongs to the graph: this call only (its memset is recorded).
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    if device.index not in _locks_arena:
+        _locks_arena[device.index] = [torch.zeros(_ARENA_INTS, dtype=torch.int32, device=device), 0]
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
     buf = _locks_cache.get(key)
-    if buf is not None and buf.numel() >= n:
-        return buf
-    capturing = torch.cuda.is_current_stream_capturing()
-    if not capturing:
-        if device.index not in _locks_pool:
-            _locks_pool[device.index] = [
-                torch.zeros(_LOCKS_PER_BUFFER, dtype=torch.int32, device=device) for _ in range(_POOL_SIZE)
-            ]
+    if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, _LOCKS_PER_BUFFER), dtype=torch.int32, device=device)
         _locks_cache[key] = buf
-        return buf
-    pool = _locks_pool.get(device.index)
-    if pool and n <= _LOCKS_PER_BUFFER:
-        buf = pool.pop()
-        _locks_cache[key] = buf
-        return buf
-    # Memory allocated during a capture belongs to the graph: use it for this call only (its memset is recorded).
-    return torch.zeros(n, dtype=torch.int32, device=device)
+    return buf
+
+
+def _aligned(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t itself when its data is 16-byte aligned, else an aligned copy (fresh allocations are aligned)."""
+    return t if t is None or t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _x_ready(x2d: torch.Tensor) -> torch.Tensor:
@@ -98,12 +103,26 @@ def _x_ready(x2d: torch.Tensor) -> torch.Tensor:
 
 
 def gemm(x2d, qweight, scales, zeros, p, out):
+    qweight, scales, zeros = _aligned(qweight), _aligned(scales), _aligned(zeros)
     if p.M >= DEQUANT_MIN_M:
         w = torch.empty((p.K, p.N), dtype=x2d.dtype, device=x2d.device)
         torch.ops.w4a16._cuda_dequantize(qweight, scales, zeros, w)
-        torch.mm(x2d, w, out=out)
+        _mm_fp32_accumulate(x2d, w, out)
         return
     xk = _x_ready(x2d)
-    # m_chunks * n_cols counters at most: ceil(M / 64) chunks of M, ceil(N / 256) column tiles (bound: N / 64).
-    locks = _locks(x2d.device, -(-p.M // 64) * -(-p.N // 64))
+    # m_chunks * n_cols counters: ceil(M / 64) chunks of M, ceil(N / 256) block columns.
+    locks = _locks(x2d.device, -(-p.M // 64) * -(-p.N // 256))
     torch.ops.w4a16._cuda_gemm(xk, qweight, scales, zeros, out, locks, FORCE_BPS)
+
+
+def _mm_fp32_accumulate(x2d, w, out):
+    """out = x2d @ w with cuBLAS reductions kept in fp32 (torch allows fp16/bf16 reduced-precision reductions by
+    default, which split-K kernels use; the op promises fp32 accumulation)."""
+    flags = torch.backends.cuda.matmul
+    saved = (flags.allow_fp16_reduced_precision_reduction, flags.allow_bf16_reduced_precision_reduction)
+    flags.allow_fp16_reduced_precision_reduction = False
+    flags.allow_bf16_reduced_precision_reduction = False
+    try:
+        torch.mm(x2d, w, out=out)
+    finally:
+        flags.allow_fp16_reduced_precision_reduction, flags.allow_bf16_reduced_precision_reduction = saved
