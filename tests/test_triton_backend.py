@@ -30,6 +30,7 @@ PATHS = {
     "nibble_g": dict(kernel="nibble", BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, split_k=2),
     "dense": dict(kernel="dense", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, split_k=1, GROUP_M=2),
     "dense_multigroup": dict(kernel="dense", BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, split_k=1, GROUP_M=2),
+    "dqmm": dict(kernel="dqmm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32),
     "dense_splitk": dict(kernel="dense", BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, split_k=3, GROUP_M=1),
 }
 
@@ -112,12 +113,12 @@ def test_table_covers_every_m(cap):
     for K, N, G in ((4096, 4096, 128), (2112, 4096, 32), (14784, 4096, 128), (4096, 7400, 4096), (64, 72, 64)):
         for M in (1, 7, 16, 17, 64, 65, 256, 1000, 4096, 100000):
             cfg = tb.select_config(_p(capability=cap, device_type="cuda" if cap else "cpu", M=M, K=K, N=N, G=G))
-            assert cfg["kernel"] in ("nibble", "dense")
+            assert cfg["kernel"] in ("nibble", "dense", "dqmm")
             assert cfg["BLOCK_N"] % 64 == 0
             if cfg["kernel"] == "nibble":
                 assert cfg["BLOCK_K"] % 32 == 0
             else:
-                assert cfg["BLOCK_K"] % 16 == 0
+                assert cfg["BLOCK_K"] % 16 == 0 and cfg["BLOCK_N"] % 64 == 0
 
 
 def test_dispatch_can_choose_triton():

@@ -9,7 +9,8 @@ step that rewrites the table.
 Paths (the "kernel" of a configuration):
     "nibble"  decode and medium M: weights as the register A operand of one dot per nibble, split-K
               over a third grid axis when the output tiles alone cannot fill the GPU
-    "dense"   large M: dequantized weight tile as the shared-memory B operand, grouped launch order
+    "dense"   dequantized weight tile as the shared-memory B operand, grouped launch order
+    "dqmm"    large M: a Triton kernel dequantizes into a dense [K, N] weight, torch.mm does the GEMM
 Split-K partials are fp32 [split, M, N] summed in a fixed order by a second small kernel, so results
 are bit-identical from run to run (no atomics).
 """
@@ -199,7 +200,7 @@ def launch(x2d, qweight, scales, zeros, p, out, cfg: dict) -> None:
     BM, BN, BK = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     k_tiles = triton.cdiv(K, BK)
     tiles_mn = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    split = _split_k(cfg, tiles_mn, k_tiles, x2d.device)
+    split = _split_k(cfg, tiles_mn, k_tiles, x2d.device) if cfg["kernel"] != "dqmm" else 1
     per = triton.cdiv(k_tiles, split)
     dst = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=out.device)
     common = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
@@ -219,6 +220,15 @@ def launch(x2d, qweight, scales, zeros, p, out, cfg: dict) -> None:
             G=G, HAS_ZEROS=has_zeros, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, PARTIAL=split > 1,
             GROUP_M=cfg.get("GROUP_M", 8), **common,
         )
+    elif cfg["kernel"] == "dqmm":
+        # Dequantize into a dense weight, then the dense GEMM (large M: the tensor cores of the dense
+        # GEMM are fed at full rate; the dequantization costs one extra pass over K x N 16-bit values).
+        w = torch.empty((K, N), dtype=x2d.dtype, device=x2d.device)
+        grid = (triton.cdiv(N, BN), triton.cdiv(K, BK))
+        tk.dequant_kernel[grid](qweight, scales, z_arg, w, K, N, qweight.shape[1], G=G, HAS_ZEROS=has_zeros,
+                                BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg.get("num_warps", 4), num_stages=1)
+        torch.mm(x2d, w, out=out)
+        return
     else:
         raise ValueError(f"unknown Triton kernel {cfg['kernel']!r}")
     if split > 1:

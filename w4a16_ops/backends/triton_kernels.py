@@ -167,8 +167,8 @@ def nibble_gemm_kernel(
         p_blk += dot(A_blk_h [R, 2 Q], X_h [2 Q, BLOCK_M])   for h = 0, 1
 
     A_blk_h[r, 2 q + b] is nibble 4 b + 2 blk + h of word[r, q] (rows r = (tile, c, j), columns q = (slab,
-    t4)), built elementwise from the words loaded twice side by side, so the compiler loads them straight
-    into the dot-operand registers; X_h[(slab, t4, b), m] = x[m, 16 slab + 8 h + 2 t4 + b] is 8 contiguous
+    t4)), built elementwise from the words joined with themselves (the join is free: the pair is the k pair
+    a thread holds), so the compiler loads each word once, straight into the dot-operand registers; X_h[(slab, t4, b), m] = x[m, 16 slab + 8 h + 2 t4 + b] is 8 contiguous
     k per slab, loaded (and pipelined) straight from x. Output row r of half blk is column
     n = 64 tile + 16 j + 8 blk + c.
 
@@ -198,12 +198,14 @@ def nibble_gemm_kernel(
     n1 = n0 + 8
     word_r = tile * 128 + 16 * cc + jj
     tile_ok = tile < stride_qk // 128
-    # Word columns q = (slab, t4), each loaded twice (b = 0, 1).
-    q2 = tl.arange(0, 2 * Q)
-    word_q = 4 * ((q2 // 2) % 4)
-    slab_q = q2 // 8
+    # Word columns q = (slab, t4).
+    q = tl.arange(0, Q)
+    word_q = 4 * (q % 4)
+    slab_w = q // 4
     k_slabs = (K + 15) // 16
     # X_h rows (slab, t4, b): k = 16 slab + 8 h + (2 t4 + b).
+    q2 = tl.arange(0, 2 * Q)
+    slab_q = q2 // 8
     k_q = 16 * slab_q + q2 % 8
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -214,7 +216,7 @@ def nibble_gemm_kernel(
     k_tile_end = tl.minimum(k_tile_begin + k_tiles_per_split, tl.cdiv(K, BLOCK_K))
 
     # Loop-carried pointers (advanced by one K tile per iteration).
-    w_ptrs = qw_ptr + (k_tile_begin * S + slab_q)[None, :].to(tl.int64) * stride_qk + word_r[:, None] + word_q[None, :]
+    w_ptrs = qw_ptr + (k_tile_begin * S + slab_w)[None, :].to(tl.int64) * stride_qk + word_r[:, None] + word_q[None, :]
     x0_ptrs = x_row + (k_tile_begin * BLOCK_K + k_q)[:, None] * stride_xk
     w_mask = tile_ok[:, None]  # widened with the K bound on a partial last tile
     x_mask = m_ok[None, :]
@@ -237,10 +239,12 @@ def nibble_gemm_kernel(
             s_nxt, z_nxt = _group_raw(s_ptr, z_ptr, (k0 + BLOCK_K) // G, pid_n, N,
                                       tl.where(kt + 1 < k_tile_end, N, 0), HAS_ZEROS, BLOCK_N)
         if EVEN_K:
-            w2 = tl.load(w_ptrs, mask=w_mask, other=0)
+            words = tl.load(w_ptrs, mask=w_mask, other=0)
         else:
-            w2 = tl.load(w_ptrs, mask=w_mask & (kt * S + slab_q < k_slabs)[None, :], other=0)
+            words = tl.load(w_ptrs, mask=w_mask & (kt * S + slab_w < k_slabs)[None, :], other=0)
         w_ptrs += S * stride_qk
+        # Every word twice side by side (the k pair b = 0, 1 of the dot operand): [R, 2 Q].
+        w2 = tl.reshape(tl.join(words, words), [R, 2 * Q])
         a00 = _deq_pair(w2, 0, DTYPE, USE_ASM)  # blk 0, h 0
         a01 = _deq_pair(w2, 1, DTYPE, USE_ASM)  # blk 0, h 1
         a10 = _deq_pair(w2, 2, DTYPE, USE_ASM)  # blk 1, h 0
@@ -407,6 +411,63 @@ def dense_gemm_kernel(
         tl.store(out_ptr + o_off, acc.to(DTYPE), mask=o_mask)
     else:
         tl.store(out_ptr + pid_k.to(tl.int64) * stride_split + o_off, acc, mask=o_mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Large-M alternative: dequantize into a dense [K, N] weight (then a dense GEMM)
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def dequant_kernel(
+    qw_ptr, s_ptr, z_ptr, w_ptr,
+    K, N, stride_qk,
+    G: tl.constexpr,  # group size, 0 = channelwise
+    HAS_ZEROS: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # multiple of 64
+    BLOCK_K: tl.constexpr,  # multiple of 16
+):
+    """w[k, n] = (q - z) * s rounded once to the dtype of w (row-major [K, N])."""
+    DTYPE: tl.constexpr = w_ptr.dtype.element_ty
+    S: tl.constexpr = BLOCK_K // 16
+    NT4: tl.constexpr = BLOCK_N // 16
+    if G > 0 and G < BLOCK_K:
+        NGT: tl.constexpr = BLOCK_K // G
+    else:
+        NGT: tl.constexpr = 1
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    r4 = tl.arange(0, NT4)
+    tile = pid_n * (BLOCK_N // 64) + r4 // 4
+    tile_ok = tile < stride_qk // 128
+    cc = tl.arange(0, 8)
+    word_n = tile[:, None] * 128 + cc[None, :] * 16 + (r4 % 4)[:, None]
+    slab = pid_k * S + tl.arange(0, S)
+    t4 = tl.arange(0, 4)
+    words = tl.load(
+        qw_ptr + slab[None, None, :, None].to(tl.int64) * stride_qk + word_n[:, :, None, None] + 4 * t4[None, None, None, :],
+        mask=tile_ok[:, None, None, None] & (slab < (K + 15) // 16)[None, None, :, None],
+        other=0,
+    )
+    wq = _expand_tile(words, DTYPE, BLOCK_N, BLOCK_K)  # q - 8, [BLOCK_N, BLOCK_K]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    if G == 0:
+        g = tl.zeros([NGT], dtype=tl.int32)
+    else:
+        g = (pid_k * BLOCK_K) // G + tl.arange(0, NGT)
+    gn_ok = n_ok[:, None] & (g * tl.maximum(G, 1) < K)[None, :]
+    s_g = tl.load(s_ptr + tl.multiple_of(g * N, 8)[None, :] + offs_n[:, None], mask=gn_ok, other=0.0)
+    w3 = tl.reshape(wq, [BLOCK_N, NGT, BLOCK_K // NGT])
+    if HAS_ZEROS:
+        zw = tl.load(z_ptr + g[None, :] * (N // 8) + (offs_n // 8)[:, None], mask=gn_ok, other=0)
+        dz = ((((zw >> (4 * (offs_n % 8))[:, None]) & 15) - 8).to(tl.float32)).to(DTYPE)
+        w3 = w3 - dz[:, :, None]
+    w3 = w3 * s_g[:, :, None]
+    w = tl.trans(tl.reshape(w3, [BLOCK_N, BLOCK_K]))  # [BLOCK_K, BLOCK_N]
+    tl.store(w_ptr + offs_k[:, None].to(tl.int64) * N + offs_n[None, :], w,
+             mask=(offs_k < K)[:, None] & n_ok[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------
