@@ -55,24 +55,23 @@ def _den(bm, bn, bk, w=8, st=3, gm=8, split=1, pps=1):
 
 
 def candidates(M: int):
-    """Configurations worth timing at this M. num_warps=2 runs the nibble dots on mma.sync (no warpgroup),
-    4 or 8 on wgmma with the weights as register operand."""
+    """Configurations worth timing at this M (num_warps 4 or 8: wgmma with the weights as register
+    operand; 2: mma.sync)."""
     if M <= 16:
-        return [_nib(16, 64, 64, w=2, st=6, pps=8), _nib(16, 64, 128, w=2, st=4, pps=6), _nib(16, 64, 128, w=2, st=4, pps=4),
-                _nib(16, 128, 128, w=4, st=4, pps=4), _nib(16, 128, 64, w=4, st=6, pps=4), _nib(16, 256, 128, w=8, st=3)]
+        return [_nib(16, 128, 128, st=4, pps=4), _nib(16, 128, 64, st=6, pps=4), _nib(16, 256, 128, w=8, st=3),
+                _nib(16, 128, 128, st=4, pps=6), _nib(16, 256, 64, w=8, st=6, pps=2), _nib(16, 128, 64, st=8, pps=6)]
     if M <= 32:
-        return [_nib(32, 128, 128), _nib(32, 256, 128, w=8, st=3), _nib(32, 128, 64, w=4, st=6, pps=4),
-                _nib(32, 64, 128, w=2, pps=4)]
+        return [_nib(32, 128, 64, st=6, pps=4), _nib(32, 128, 128, st=4, pps=4), _nib(32, 256, 128, w=8, st=3)]
     if M <= 64:
-        return [_nib(64, 128, 128, st=3), _nib(64, 256, 128, w=8, st=3), _nib(64, 128, 64, w=4, st=4, pps=4),
-                _den(64, 128, 64, w=4, st=4, split="auto", pps=2), _dq()]
+        return [_nib(64, 128, 64, st=4, pps=2), _nib(64, 256, 64, w=8, st=4), _nib(32, 128, 64, st=6, pps=4),
+                _nib(64, 256, 128, w=8, st=3), _dq()]
     if M <= 256:
-        return [_nib(64, 128, 128, st=3, pps=1), _den(128, 128, 64, st=3, split="auto"), _dq(), _dq(bn=64, bk=64)]
-    return [_dq(), _dq(bn=64, bk=64), _den(256, 128, 64, st=3), _den(128, 256, 64, st=3)]
+        return [_dq(), _dq(bn=64, bk=64), _nib(64, 128, 64, st=4, pps=2)]
+    return [_dq(), _dq(chunk=0), _dq(bn=64, bk=64)]
 
 
-def _dq(bn=128, bk=32, w=4):
-    return dict(kernel="dqmm", BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
+def _dq(bn=128, bk=32, w=4, chunk=24):
+    return dict(kernel="dqmm", BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, chunk_mb=chunk)
 
 
 def group_for(K: int, G: int) -> int:
@@ -108,7 +107,7 @@ def cfg_name(cfg) -> str:
         tail = f"p{cfg.get('programs_per_sm', 2)}" if split == "auto" else f"k{split}"
         return f"nib{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}s{cfg['num_stages']}{tail}"
     if cfg["kernel"] == "dqmm":
-        return f"dqmm{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg.get('num_warps', 4)}"
+        return f"dqmm{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg.get('num_warps', 4)}c{cfg.get('chunk_mb', 24)}"
     return (f"den{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}s{cfg['num_stages']}"
             f"g{cfg.get('GROUP_M', 8)}{'k' if cfg.get('split_k', 1) == 'auto' else ''}")
 

@@ -31,6 +31,7 @@ PATHS = {
     "dense": dict(kernel="dense", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, split_k=1, GROUP_M=2),
     "dense_multigroup": dict(kernel="dense", BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, split_k=1, GROUP_M=2),
     "dqmm": dict(kernel="dqmm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32),
+    "dqmm_chunked": dict(kernel="dqmm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, chunk_mb=0.004),
     "dense_splitk": dict(kernel="dense", BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, split_k=3, GROUP_M=1),
 }
 

@@ -157,6 +157,18 @@ def _split_k(cfg: dict, tiles_mn: int, k_tiles: int, device) -> int:
     return -(-k_tiles // per)  # no empty splits
 
 
+def _dq_chunk_rows(M: int, K: int, N: int, G: int, BK: int, elem: int, chunk_mb: float) -> int:
+    """Rows of K per dequantize+mm chunk: a multiple of 16, BK and G (channelwise: any), whose 16-bit
+    weights take at most chunk_mb MB. A chunk saves writing and re-reading its weights in DRAM (4 Kc N
+    bytes) but each extra chunk re-reads and re-writes out (4 M N bytes): chunks shorter than 2 M rows
+    do not pay, and then K is done in one piece."""
+    if chunk_mb <= 0 or K * N * elem <= chunk_mb * 1e6:
+        return K
+    unit = max(16, BK, G if G != K else 1)
+    rows = max(unit, int(chunk_mb * 1e6 // (N * elem)) // unit * unit)
+    return rows if rows >= 2 * M else K
+
+
 class force_config:
     """Context manager: run every Triton-backend call with this configuration (tests, tuning)."""
 
@@ -221,13 +233,26 @@ def launch(x2d, qweight, scales, zeros, p, out, cfg: dict) -> None:
             GROUP_M=cfg.get("GROUP_M", 8), **common,
         )
     elif cfg["kernel"] == "dqmm":
-        # Dequantize into a dense weight, then the dense GEMM (large M: the tensor cores of the dense
-        # GEMM are fed at full rate; the dequantization costs one extra pass over K x N 16-bit values).
-        w = torch.empty((K, N), dtype=x2d.dtype, device=x2d.device)
-        grid = (triton.cdiv(N, BN), triton.cdiv(K, BK))
-        tk.dequant_kernel[grid](qweight, scales, z_arg, w, K, N, qweight.shape[1], G=G, HAS_ZEROS=has_zeros,
-                                BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg.get("num_warps", 4), num_stages=1)
-        torch.mm(x2d, w, out=out)
+        # Dequantize into a dense weight, then the dense GEMM (large M: the dense GEMM feeds the tensor
+        # cores at full rate). K is cut into chunks whose 16-bit weights fit in a part of the L2
+        # (chunk_mb), so the GEMM reads them back from L2 instead of DRAM; chunks after the first
+        # accumulate into out (addmm, beta = 1).
+        step = _dq_chunk_rows(M, K, N, p.G, BK, x2d.element_size(), cfg.get("chunk_mb", 24))
+        w = torch.empty((min(step, K), N), dtype=x2d.dtype, device=x2d.device)
+        for k0 in range(0, K, step):
+            kc = min(step, K - k0)
+            wc = w[:kc]
+            g0 = 0 if G == 0 else k0 // G
+            grid = (triton.cdiv(N, BN), triton.cdiv(kc, BK))
+            tk.dequant_kernel[grid](
+                qweight[k0 // 16:], scales[g0:], z_arg[g0:] if has_zeros else z_arg, wc, kc, N, qweight.shape[1],
+                G=G, HAS_ZEROS=has_zeros, BLOCK_N=BN, BLOCK_K=BK, num_warps=cfg.get("num_warps", 4), num_stages=1,
+            )
+            xc = x2d[:, k0:k0 + kc]
+            if k0 == 0:
+                torch.mm(xc, wc, out=out)
+            else:
+                out.addmm_(xc, wc)
         return
     else:
         raise ValueError(f"unknown Triton kernel {cfg['kernel']!r}")

@@ -25,10 +25,11 @@ q = (slab, t4), and computes EIGHT dots per K tile, one per nibble i = (b, blk, 
 where deq_i is elementwise (so the compiler loads Wd straight into the dot-operand register layout) and
 the four x slices (h, b) are cut from the natural x tile. Output rows are n = 64 tile + 16 j + 8 blk + c.
 
-Dequantization without int->float conversion: a nibble shifted into the mantissa bits of weight 1 of
-16.0 (fp16: bits 6-9, bf16: bits 3-6) and or-ed with 16.0's exponent reads as 16 + q, exactly. The
-offset 16 + z (z = 8 without zero points) is removed per K tile with one more dot, ones @ X, that gives
-the column sums of x: acc += (p - (16 + z) * colsum(x)) * s. Scales are
+Dequantization without int->float conversion: a nibble masked in place and or-ed with the exponent of
+a power of two v whose mantissa unit is the nibble's lowest bit reads as v + q, exactly (see _deq_pair:
+one lop3 per two weights, plus one shift per word for half of the nibbles). The offsets v + 8 are removed
+on the tensor cores: the weight dots start from the accumulator -(v0 + 8) colsum(X_0) - (v1 + 8)
+colsum(X_1) (two dots with constant A); zero points add -(z - 8) colsum(x) per row. Scales are
 applied to the fp32 partial sums of each group (a K tile with several groups runs its dots once per
 group against x with the other groups' rows zeroed) or once at the end for channelwise G = K.
 
@@ -73,43 +74,65 @@ def _deq_nibble(words, NIB: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _deq_pair(w2, NIB: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
-    """w2 [R, 2Q] holds every word twice (columns 2 q and 2 q + 1). Returns 16 + q of nibble NIB of the first
-    copy and of nibble NIB + 4 of the second one, i.e. of the weights of rows k and k + 1 (b = 0, 1) of the
-    word's column: exact, in DTYPE. (The kernel removes the 16 + z offset with one extra dot per K tile.)
-
-    With USE_ASM the two copies arrive in one instance (they are consecutive elements of a thread, the k
-    pair of the dot-operand layout) and become one f16x2 / bf16x2 register in two instructions: a shift
-    puts nibbles NIB and NIB + 4 at the mantissa bits of weight 1 of 16.0 (bits 6-9 of each half in fp16,
-    3-6 in bf16) and one lop3 masks them and ors in the exponent of 16.
-    """
+def _magic_offset(H: tl.constexpr, DTYPE: tl.constexpr):
+    """The value v such that _deq_pair returns v + q for nibbles with h = H (fp16: 1024, 64; bf16: 128, 16)."""
     if DTYPE == tl.bfloat16:
-        LOW: tl.constexpr = 3  # bit position of the nibble, weight 1 at exponent 4 (7 mantissa bits)
-        MAGIC: tl.constexpr = 0x4180  # 16.0
+        if H == 0:
+            return 128.0
+        else:
+            return 16.0
     else:
-        LOW: tl.constexpr = 6  # 10 mantissa bits
-        MAGIC: tl.constexpr = 0x4C00  # 16.0
+        if H == 0:
+            return 1024.0
+        else:
+            return 64.0
+
+
+@triton.jit
+def _deq_pair(w2, NIB: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
+    """w2 [R, 2Q] holds every word twice (columns 2 q and 2 q + 1). Returns v + q of nibble NIB of the first
+    copy and of nibble NIB + 4 of the second one (the weights of rows k and k + 1, b = 0, 1, of the word's
+    column), exact, in DTYPE, with v = _magic_offset(NIB % 2) (the kernel removes v + z with extra dots).
+
+    In each 16-bit half of a word, nibble NIB sits at bits 4 (NIB % 2) + 8 (NIB // 2) .. + 3. One lop3 masks a
+    nibble in place and ors in the exponent of a power of two whose mantissa unit is the nibble's lowest bit:
+    1024 for bits 0-3 and 64 for bits 4-7 in fp16 (10 mantissa bits), so nibbles 0, 1, 4, 5 need no shift and
+    2, 3, 6, 7 share one shift by 8. bf16 has 7 mantissa bits: bits 0-3 use 128, and the other nibbles are
+    first shifted to bits 3-6 (unit 16). With USE_ASM the pair (two copies of a word, consecutive elements of
+    a thread: the k pair of the dot-operand layout) becomes one f16x2 / bf16x2 register.
+    """
+    H: tl.constexpr = NIB % 2
+    if DTYPE == tl.bfloat16:
+        if H == 0:
+            RSHIFT: tl.constexpr = 8 * (NIB // 2)  # nibble to bits 0-3
+            MASK: tl.constexpr = 0x000F000F
+            MAGIC: tl.constexpr = 0x43004300  # 128.0
+        else:
+            RSHIFT: tl.constexpr = 8 * (NIB // 2) + 1  # bits 4-7 to bits 3-6
+            MASK: tl.constexpr = 0x00780078
+            MAGIC: tl.constexpr = 0x41804180  # 16.0
+    else:
+        RSHIFT: tl.constexpr = 8 * (NIB // 2)
+        if H == 0:
+            MASK: tl.constexpr = 0x000F000F
+            MAGIC: tl.constexpr = 0x64006400  # 1024.0
+        else:
+            MASK: tl.constexpr = 0x00F000F0
+            MAGIC: tl.constexpr = 0x54005400  # 64.0
+    if RSHIFT > 0:
+        t = w2 >> RSHIFT  # the sign bits this copies into bits >= 23 are masked off below
+    else:
+        t = w2
     if USE_ASM:
-        if LOW >= 4 * NIB:
-            SHIFT: tl.constexpr = f"shl.b32 t, $1, {LOW - 4 * NIB};"
-        else:
-            SHIFT: tl.constexpr = f"shr.u32 t, $1, {4 * NIB - LOW};"
-        MASK: tl.constexpr = (15 << LOW) * 0x10001
-        MAGIC2: tl.constexpr = MAGIC * 0x10001
-        ASM: tl.constexpr = f"""{{
-            .reg .b32 t;
-            {SHIFT}
-            lop3.b32 $0, t, {MASK}, {MAGIC2}, 0xEA;
-            }}"""
+        ASM: tl.constexpr = f"lop3.b32 $0, $1, {MASK}, {MAGIC}, 0xEA;"
         if DTYPE == tl.bfloat16:
-            return tl.inline_asm_elementwise(ASM, "=r,r,r", [w2], dtype=tl.bfloat16, is_pure=True, pack=2)
+            return tl.inline_asm_elementwise(ASM, "=r,r,r", [t], dtype=tl.bfloat16, is_pure=True, pack=2)
         else:
-            return tl.inline_asm_elementwise(ASM, "=r,r,r", [w2], dtype=tl.float16, is_pure=True, pack=2)
+            return tl.inline_asm_elementwise(ASM, "=r,r,r", [t], dtype=tl.float16, is_pure=True, pack=2)
     else:
         b = tl.arange(0, w2.shape[1]) % 2
-        shift = (4 * NIB + 16 * b)[None, :]
-        q = (w2 >> shift) & 15
-        return ((q << LOW) | MAGIC).to(tl.int16).to(DTYPE, bitcast=True)
+        half = (t >> (16 * b)[None, :]) & 0xFFFF  # the first copy's low half, the second copy's high half
+        return ((half & (MASK & 0xFFFF)) | (MAGIC & 0xFFFF)).to(tl.int16).to(DTYPE, bitcast=True)
 
 
 @triton.jit
@@ -128,19 +151,19 @@ def _group_raw(s_ptr, z_ptr, g, pid_n, N, n_lim, HAS_ZEROS: tl.constexpr, BLOCK_
 
 @triton.jit
 def _group_params(s_row, z_row, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """fp32 scales and offsets 16 + z (24 without zero points) for the rows of the two halves (r = (tile, c,
-    j), n = 64 tile + 16 j + 8 blk + c), permuted from the natural-order rows of _group_raw in registers."""
+    """fp32 scales and z - 8 (0 without zero points) for the rows of the two halves (r = (tile, c, j),
+    n = 64 tile + 16 j + 8 blk + c), permuted from the natural-order rows of _group_raw in registers."""
     NT: tl.constexpr = BLOCK_N // 64
     s4 = tl.permute(tl.reshape(s_row.to(tl.float32), [NT, 4, 2, 8]), (0, 3, 1, 2))  # [tile, c, j, blk]
     s0, s1 = tl.split(tl.reshape(s4, [BLOCK_N // 2, 2]))
     if HAS_ZEROS:
         z3 = tl.reshape(z_row, [NT, 1, 4, 2])  # [tile, 1, j, blk]: the word of columns 16 j + 8 blk + (0..7)
         shift = 4 * tl.arange(0, 8)[None, :, None, None]  # nibble c
-        dz4 = ((z3 >> shift) & 15) + 16  # [tile, c, j, blk]
+        dz4 = ((z3 >> shift) & 15) - 8  # [tile, c, j, blk]
         dz0, dz1 = tl.split(tl.reshape(dz4.to(tl.float32), [BLOCK_N // 2, 2]))
     else:
-        dz0 = tl.full(s0.shape, 24.0, tl.float32)
-        dz1 = tl.full(s1.shape, 24.0, tl.float32)
+        dz0 = tl.zeros_like(s0)
+        dz1 = tl.zeros_like(s1)
     return s0, s1, dz0, dz1
 
 
@@ -224,6 +247,8 @@ def nibble_gemm_kernel(
     acc0 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
     ones = tl.full([R, 2 * Q], 1.0, DTYPE)
+    off0 = tl.full([R, 2 * Q], -8.0 - _magic_offset(0, DTYPE), DTYPE)  # exact in fp16 and bf16
+    off1 = tl.full([R, 2 * Q], -8.0 - _magic_offset(1, DTYPE), DTYPE)
     if G == 0:
         s_cw, z_cw = _group_raw(s_ptr, z_ptr, 0, pid_n, N, N, HAS_ZEROS, BLOCK_N)
         s0_cw, s1_cw, dz0_cw, dz1_cw = _group_params(s_cw, z_cw, HAS_ZEROS, BLOCK_N)
@@ -245,8 +270,8 @@ def nibble_gemm_kernel(
         w_ptrs += S * stride_qk
         # Every word twice side by side (the k pair b = 0, 1 of the dot operand): [R, 2 Q].
         w2 = tl.reshape(tl.join(words, words), [R, 2 * Q])
-        a00 = _deq_pair(w2, 0, DTYPE, USE_ASM)  # blk 0, h 0
-        a01 = _deq_pair(w2, 1, DTYPE, USE_ASM)  # blk 0, h 1
+        a00 = _deq_pair(w2, 0, DTYPE, USE_ASM)  # blk 0, h 0: v0 + q
+        a01 = _deq_pair(w2, 1, DTYPE, USE_ASM)  # blk 0, h 1: v1 + q
         a10 = _deq_pair(w2, 2, DTYPE, USE_ASM)  # blk 1, h 0
         a11 = _deq_pair(w2, 3, DTYPE, USE_ASM)  # blk 1, h 1
         for gi in tl.static_range(NGT):
@@ -258,16 +283,24 @@ def nibble_gemm_kernel(
                 xmask = xmask & (slab_q // (G // 16) == gi)[:, None]
             x0 = tl.load(x0_ptrs, mask=xmask, other=0.0)
             x1 = tl.load(x0_ptrs + 8 * stride_xk, mask=xmask, other=0.0)
-            p0 = tl.dot(a00, x0)
+            # base = -(v0 + 8) sum_k x0 - (v1 + 8) sum_k x1 for every row (z = 8; zero points below), on the
+            # tensor cores (idle at small M) as the accumulator the weight dots start from.
+            base = tl.dot(off0, x0)
+            base = tl.dot(off1, x1, base)
+            p0 = tl.dot(a00, x0, base)
             p0 = tl.dot(a01, x1, p0)
-            p1 = tl.dot(a10, x0)
+            p1 = tl.dot(a10, x0, base)
             p1 = tl.dot(a11, x1, p1)
-            # Column sums of x, broadcast to every row, for the 16 + z offsets (tensor cores are idle).
-            xs = tl.dot(ones, x0)
-            xs = tl.dot(ones, x1, xs)
+            if HAS_ZEROS:
+                xs = tl.dot(ones, x0)  # column sums of x, broadcast to every row
+                xs = tl.dot(ones, x1, xs)
             if G == 0:
-                acc0 += p0 - dz0_cw[:, None] * xs
-                acc1 += p1 - dz1_cw[:, None] * xs
+                if HAS_ZEROS:
+                    acc0 += p0 - dz0_cw[:, None] * xs
+                    acc1 += p1 - dz1_cw[:, None] * xs
+                else:
+                    acc0 += p0
+                    acc1 += p1
             else:
                 if NGT == 1:
                     s0, s1, dz0, dz1 = _group_params(s_cur, z_cur, HAS_ZEROS, BLOCK_N)
@@ -276,8 +309,12 @@ def nibble_gemm_kernel(
                     n_lim = tl.where(g * G < K, N, 0)  # a group past K (last tile) reads nothing
                     s_row, z_row = _group_raw(s_ptr, z_ptr, g, pid_n, N, n_lim, HAS_ZEROS, BLOCK_N)
                     s0, s1, dz0, dz1 = _group_params(s_row, z_row, HAS_ZEROS, BLOCK_N)
-                acc0 += (p0 - dz0[:, None] * xs) * s0[:, None]
-                acc1 += (p1 - dz1[:, None] * xs) * s1[:, None]
+                if HAS_ZEROS:
+                    acc0 += (p0 - dz0[:, None] * xs) * s0[:, None]
+                    acc1 += (p1 - dz1[:, None] * xs) * s1[:, None]
+                else:
+                    acc0 += p0 * s0[:, None]
+                    acc1 += p1 * s1[:, None]
         x0_ptrs += BLOCK_K * stride_xk
 
     if G == 0:
