@@ -105,6 +105,7 @@ def cfg_name(cfg) -> str:
     if cfg["kernel"] == "nibble":
         split = cfg.get("split_k", 1)
         tail = f"p{cfg.get('programs_per_sm', 2)}" if split == "auto" else f"k{split}"
+        tail += "R" if cfg.get("reduce") == "inkernel" else ""
         return f"nib{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg['num_warps']}s{cfg['num_stages']}{tail}"
     if cfg["kernel"] == "dqmm":
         return f"dqmm{cfg['BLOCK_N']}x{cfg['BLOCK_K']}w{cfg.get('num_warps', 4)}c{cfg.get('chunk_mb', 24)}"
@@ -122,6 +123,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--write", action="store_true", help="write the winners into triton_configs.json")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new points after this many seconds")
+    ap.add_argument("--merge", action="store_true",
+                    help="with --write: replace only the entries of the timed M (same m_max), keep the others")
+    ap.add_argument("--reduce-ab", action="store_true",
+                    help="candidates = the table's entry for M, with the two-kernel and the in-kernel split-K reduction")
     args = ap.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
@@ -135,7 +140,12 @@ def main(argv=None):
     rows = []
     best = {}
     for M in ms:
-        cands = candidates(M)
+        if args.reduce_ab:
+            p = dispatch.problem_for(torch.device("cuda"), dtype, M, 4096, 4096, 128, False)
+            base = {k: v for k, v in tb.select_config(p).items() if k not in ("m_max", "reduce")}
+            cands = [base, dict(base, reduce="inkernel")]
+        else:
+            cands = candidates(M)
         logt = {cfg_name(c): [] for c in cands}
         for name in shapes:
             if time.time() - t0 > args.budget_s:
@@ -172,14 +182,24 @@ def main(argv=None):
             f.write(f"| {r['M']} | {r['shape']} | {r['G']} | {r['config']} | {r['us']:.1f} | {r['dense_us']:.1f} | "
                     f"{r['ratio']:.2f}x |\n")
     if args.write and best:
-        entries = []
-        ordered = sorted(best)
-        for i, M in enumerate(ordered):
-            e = dict(best[M])
-            if i + 1 < len(ordered):
-                e = {"m_max": M, **e}
-            entries.append(e)
         table = json.load(open(tb._CONFIG_FILE))
+        if args.merge:
+            entries = [dict(e) for e in table["families"].get(family, [])]
+            for M, cfg in best.items():
+                hit = [i for i, e in enumerate(entries) if e.get("m_max") == M]
+                if hit:
+                    entries[hit[0]] = {"m_max": M, **cfg}
+                else:
+                    entries.append({"m_max": M, **cfg})
+            entries.sort(key=lambda e: e.get("m_max", 1 << 62))
+        else:
+            entries = []
+            ordered = sorted(best)
+            for i, M in enumerate(ordered):
+                e = dict(best[M])
+                if i + 1 < len(ordered):
+                    e = {"m_max": M, **e}
+                entries.append(e)
         table["families"][family] = entries
         with open(tb._CONFIG_FILE, "w") as f:
             json.dump(table, f, indent=1)

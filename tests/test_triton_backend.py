@@ -26,6 +26,7 @@ ON_GPU = torch.cuda.is_available()
 PATHS = {
     "nibble": dict(kernel="nibble", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, split_k=1),
     "nibble_splitk": dict(kernel="nibble", BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, split_k=2),
+    "nibble_inkernel": dict(kernel="nibble", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, split_k=3, reduce="inkernel"),
     "nibble_groups": dict(kernel="nibble", BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, split_k=1, keep_block_k=True),
     "nibble_g": dict(kernel="nibble", BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, split_k=2),
     "dense": dict(kernel="dense", BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, split_k=1, GROUP_M=2),
@@ -79,6 +80,12 @@ def test_split_k_is_deterministic():
     a = _run_forced(case, "nibble_splitk")
     b = _run_forced(case, "nibble_splitk")
     assert torch.equal(a, b)
+    # The single-kernel reduction sums in the same order: bit-identical to the two-kernel one, every time.
+    cfg = dict(PATHS["nibble_splitk"], reduce="inkernel")
+    for _ in range(3):
+        with tb.force_config(cfg):
+            c = run_backend("triton", case)
+        assert torch.equal(a, c)
 
 
 # ------------------------------------------------------------------------------------------------

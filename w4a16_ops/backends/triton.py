@@ -157,6 +157,27 @@ def _split_k(cfg: dict, tiles_mn: int, k_tiles: int, device) -> int:
     return -(-k_tiles // per)  # no empty splits
 
 
+# Arrival counters of the single-kernel split-K reduction (config "reduce": "inkernel"), per (device,
+# stream): zeroed when allocated, and every launch leaves them zero again. They are allocated outside graph
+# capture only (a capture cannot run the zeroing); a call that finds none while capturing uses the
+# two-kernel reduction. Launches on one stream are ordered, so a stream never races with itself.
+_COUNTERS: dict = {}
+
+
+def _counters(device, n: int):
+    if device.type != "cuda":
+        key = ("cpu", 0)
+    else:
+        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
 def _dq_chunk_rows(M: int, K: int, N: int, G: int, BK: int, elem: int, chunk_mb: float) -> int:
     """Rows of K per dequantize+mm chunk: a multiple of 16, BK and G (channelwise: any), whose 16-bit
     weights take at most chunk_mb MB. A chunk saves writing and re-reading its weights in DRAM (4 Kc N
@@ -218,12 +239,20 @@ def launch(x2d, qweight, scales, zeros, p, out, cfg: dict) -> None:
     common = dict(num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     if cfg["kernel"] == "nibble":
         grid = (triton.cdiv(N, BN), triton.cdiv(M, BM), split)
+        counters = None
+        if split > 1 and cfg.get("reduce") == "inkernel":
+            counters = _counters(out.device, grid[0] * grid[1])
+        extra = {}
+        if counters is not None:
+            extra = dict(fin_ptr=out, cnt_ptr=counters, split=split, IN_REDUCE=True, NUM_WARPS=common["num_warps"])
         tk.nibble_gemm_kernel[grid](
             x2d, qweight, scales, z_arg, dst, M, N, K,
             x2d.stride(0), x2d.stride(1), qweight.shape[1], N, M * N, per,
             G=G, HAS_ZEROS=has_zeros, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-            PARTIAL=split > 1, USE_ASM=_use_asm(p), EVEN_K=K % BK == 0, **common,
+            PARTIAL=split > 1, USE_ASM=_use_asm(p), EVEN_K=K % BK == 0, **extra, **common,
         )
+        if counters is not None:
+            return
     elif cfg["kernel"] == "dense":
         grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN), split)
         tk.dense_gemm_kernel[grid](

@@ -184,6 +184,11 @@ def nibble_gemm_kernel(
     PARTIAL: tl.constexpr,  # out_ptr is fp32 split-K partials [split, M, N] (splitk_reduce_kernel sums them)
     USE_ASM: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks
+    fin_ptr=None,  # IN_REDUCE: the output [M, N]
+    cnt_ptr=None,  # IN_REDUCE: int32 arrival counters, one per output tile, zero between launches
+    split=1,  # IN_REDUCE: number of K splits
+    IN_REDUCE: tl.constexpr = False,  # the last program of an output tile sums the partials (in split order)
+    NUM_WARPS: tl.constexpr = 4,  # = num_warps (IN_REDUCE counts one increment per thread)
 ):
     """out^T tile = W^T tile @ x^T tile as four dots per K tile, one per (blk, h):
 
@@ -238,8 +243,9 @@ def nibble_gemm_kernel(
     k_tile_begin = pid_k * k_tiles_per_split
     k_tile_end = tl.minimum(k_tile_begin + k_tiles_per_split, tl.cdiv(K, BLOCK_K))
 
-    # Loop-carried pointers (advanced by one K tile per iteration).
-    w_ptrs = qw_ptr + (k_tile_begin * S + slab_w)[None, :].to(tl.int64) * stride_qk + word_r[:, None] + word_q[None, :]
+    # Word offsets inside a K tile (the tile's base is added per iteration: a loop-carried pointer tensor
+    # loses the 16-byte contiguity of j in the compiler's analysis), loop-carried x pointers.
+    w_off = slab_w[None, :] * stride_qk + word_r[:, None] + word_q[None, :]
     x0_ptrs = x_row + (k_tile_begin * BLOCK_K + k_q)[:, None] * stride_xk
     w_mask = tile_ok[:, None]  # widened with the K bound on a partial last tile
     x_mask = m_ok[None, :]
@@ -263,11 +269,11 @@ def nibble_gemm_kernel(
             z_cur = z_nxt
             s_nxt, z_nxt = _group_raw(s_ptr, z_ptr, (k0 + BLOCK_K) // G, pid_n, N,
                                       tl.where(kt + 1 < k_tile_end, N, 0), HAS_ZEROS, BLOCK_N)
+        w_ptrs = qw_ptr + tl.cast(kt * S, tl.int64) * stride_qk + w_off
         if EVEN_K:
             words = tl.load(w_ptrs, mask=w_mask, other=0)
         else:
             words = tl.load(w_ptrs, mask=w_mask & (kt * S + slab_w < k_slabs)[None, :], other=0)
-        w_ptrs += S * stride_qk
         # Every word twice side by side (the k pair b = 0, 1 of the dot operand): [R, 2 Q].
         w2 = tl.reshape(tl.join(words, words), [R, 2 * Q])
         a00 = _deq_pair(w2, 0, DTYPE, USE_ASM)  # blk 0, h 0: v0 + q
@@ -331,6 +337,32 @@ def nibble_gemm_kernel(
         part = out_ptr + pid_k.to(tl.int64) * stride_split + o_off
         tl.store(part + n0[:, None], acc0, mask=n0_ok[:, None] & m_ok[None, :])
         tl.store(part + n1[:, None], acc1, mask=n1_ok[:, None] & m_ok[None, :])
+        if IN_REDUCE:
+            # Deterministic single-kernel split-K: every thread increments the tile's counter once (release:
+            # its partial stores are visible first); the program that made the last of the split * THREADS
+            # increments re-reads the counter with acquire semantics in every thread, sums the partials in
+            # split order (as splitk_reduce_kernel does: bit-identical results), writes the output and
+            # resets the counter to zero for the next launch.
+            THREADS: tl.constexpr = 32 * NUM_WARPS
+            cnt = cnt_ptr + pid_m * tl.num_programs(0) + pid_n
+            tl.debug_barrier()
+            one = tl.full([THREADS], 1, tl.int32)
+            old = tl.atomic_add(cnt + tl.zeros([THREADS], tl.int32), one, sem="acq_rel", scope="gpu")
+            if tl.max(old, axis=0) == split * THREADS - 1:
+                tl.atomic_add(cnt + tl.zeros([THREADS], tl.int32), 0 * one, sem="acquire", scope="gpu")
+                tl.debug_barrier()
+                base = out_ptr + o_off
+                r0 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
+                r1 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
+                for sp in range(0, split):
+                    r0 += tl.load(base + sp * stride_split + n0[:, None], mask=n0_ok[:, None] & m_ok[None, :],
+                                  other=0.0, cache_modifier=".cg")
+                    r1 += tl.load(base + sp * stride_split + n1[:, None], mask=n1_ok[:, None] & m_ok[None, :],
+                                  other=0.0, cache_modifier=".cg")
+                tl.store(fin_ptr + o_off + n0[:, None], r0.to(DTYPE), mask=n0_ok[:, None] & m_ok[None, :])
+                tl.store(fin_ptr + o_off + n1[:, None], r1.to(DTYPE), mask=n1_ok[:, None] & m_ok[None, :])
+                tl.debug_barrier()
+                tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
 
 
 # --------------------------------------------------------------------------------------------------------
