@@ -103,15 +103,19 @@ def main(argv=None) -> None:
                     )
                     torch.cuda.empty_cache()
                 report.print_point(rows, label, M, dtype)
+            write_outputs(rows, meta, args.out, plot=False)  # after every shape: a cut-off run keeps its rows
+    write_outputs(rows, meta, args.out, plot=True)
+    print(f"wrote {args.out}/bench_op.csv, bench_op.md, bench_op.png")
 
-    path = os.path.join(args.out, "bench_op.csv")
-    with open(path, "w", newline="") as f:
+
+def write_outputs(rows, meta, out, plot):
+    with open(os.path.join(out, "bench_op.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    report.write_markdown(rows, meta, os.path.join(args.out, "bench_op.md"))
-    report.plot(rows, os.path.join(args.out, "bench_op.png"))
-    print(f"wrote {path}, bench_op.md, bench_op.png")
+    report.write_markdown(rows, meta, os.path.join(out, "bench_op.md"))
+    if plot:
+        report.plot(rows, os.path.join(out, "bench_op.png"))
 
 
 if __name__ == "__main__":

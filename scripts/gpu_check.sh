@@ -7,6 +7,8 @@
 #   W4A16_TESTS   pytest selection (default: the whole tests/ folder)
 #   W4A16_BENCH   arguments for benchmarks/bench_op.py (default: --quick); "skip" skips it
 #   W4A16_EXTRA   a shell command run last (e.g. compute-sanitizer runs), output in OUTDIR/extra.log
+#   W4A16_{TEST,BENCH,EXTRA}_TIMEOUT   seconds each stage may take (default 3600)
+#   W4A16_PYTEST_ARGS  more pytest arguments (e.g. -n 4 with pytest-xdist)
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -24,13 +26,13 @@ echo "build: $(( $(date +%s) - start )) s"
 grep -E "registers|spill|bytes stack" "$OUT/build.log" | sort -u | head -40 > "$OUT/ptxas.txt" || true
 
 python3 -m w4a16_ops > "$OUT/main.log" 2>&1; echo "python -m w4a16_ops: exit $?"; tail -25 "$OUT/main.log"
-python3 -m pytest ${W4A16_TESTS:-tests} -q -rfEx -p no:cacheprovider ${W4A16_PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
+timeout ${W4A16_TEST_TIMEOUT:-3600} python3 -m pytest ${W4A16_TESTS:-tests} -q -rfEx -p no:cacheprovider ${W4A16_PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
 test_rc=${PIPESTATUS[0]}
 
 if [ "${W4A16_BENCH:---quick}" != "skip" ]; then
-  python3 -m benchmarks.bench_op --out "$OUT" ${W4A16_BENCH:---quick} 2>&1 | tee "$OUT/bench.log" | tail -60
+  timeout ${W4A16_BENCH_TIMEOUT:-3600} python3 -m benchmarks.bench_op --out "$OUT" ${W4A16_BENCH:---quick} 2>&1 | tee "$OUT/bench.log" | tail -60
 fi
 if [ -n "${W4A16_EXTRA:-}" ]; then
-  bash -c "$W4A16_EXTRA" > "$OUT/extra.log" 2>&1; echo "extra: exit $?"; tail -40 "$OUT/extra.log"
+  timeout ${W4A16_EXTRA_TIMEOUT:-3600} bash -c "$W4A16_EXTRA" > "$OUT/extra.log" 2>&1; echo "extra: exit $?"; tail -40 "$OUT/extra.log"
 fi
 exit $test_rc
