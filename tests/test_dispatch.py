@@ -100,3 +100,15 @@ def test_problem_describe():
     assert _p(K=2112, N=4096, G=2112, zeros=True).describe() == (
         "cuda sm_90 float16 M=1 K=2112 N=4096 G=K (channelwise) zeros"
     )
+
+
+def test_measured_table_on_hopper():
+    # benchmarks/results/h100_bench_op.md: CUDA at M = 1, Triton at M = 16 and 64, CUDA (tie) from 256.
+    assert [dispatch.decide(_p(M=M), {}).backend for M in (1, 16, 64, 256, 4096)] == [
+        "cuda", "triton", "triton", "cuda", "cuda"
+    ]
+    # A family that was not measured keeps the default order.
+    assert dispatch.decide(_p(M=16, cap=(8, 0)), {}).backend == "cuda"
+    # A preferred backend that is missing falls through with its reason.
+    d = dispatch.decide(_p(M=16), {"triton": "not built"})
+    assert d.backend == "cuda" and "not triton: not built" in d.reason

@@ -19,9 +19,34 @@ from .problem import Problem
 
 ENV_VAR = "W4A16_BACKEND"  # "auto" (default), "cuda", "triton" or "reference"
 
-# Preference on a CUDA device, first that can serve the call wins. The reference backend serves
-# everything, so a call never goes without a kernel.
-_GPU_ORDER = ("cuda", "triton", "reference")
+# Preference on a CUDA device: the first backend that is built and serves the call wins. The
+# reference backend serves everything, so a call never goes without a kernel.
+_DEFAULT_ORDER = ("cuda", "triton", "reference")
+
+# Measured preference by GPU family (compute capability major) and M: (first M past the range,
+# order). From benchmarks/results/h100_bench_op.md (H100, 9 shapes, fp16, G = 128): the CUDA
+# kernel is fastest at M = 1 on every shape; Triton's tl.dot kernels at M = 16 and 64 on every
+# shape (by 5-150%); from M = 256 both dequantize + cuBLAS and tie within noise. Families not
+# measured use _DEFAULT_ORDER. Unmeasured M between the points take the bucket below them.
+_MEASURED_ORDER = {
+    9: (
+        (16, ("cuda", "triton", "reference")),
+        (256, ("triton", "cuda", "reference")),
+        (None, ("cuda", "triton", "reference")),
+    ),
+}
+
+
+def preference(p: Problem) -> tuple:
+    """(order in which backends are tried for p, why that order). Pure."""
+    buckets = _MEASURED_ORDER.get(p.capability[0]) if p.capability else None
+    lo = 1
+    for limit, order in buckets or ():
+        if limit is None or p.M < limit:
+            rng = f"M >= {lo}" if limit is None else f"{lo} <= M < {limit}"
+            return order, f"{order[0]} is first for sm_{p.capability[0]}x at {rng} (measured table in dispatch.py)"
+        lo = limit
+    return _DEFAULT_ORDER, f"{_DEFAULT_ORDER[0]} is first by default on {p.device_type}"
 
 
 class Decision(NamedTuple):
@@ -41,10 +66,11 @@ def decide(p: Problem, unavailable: Mapping[str, Optional[str]]) -> Decision:
     if p.device_type == "cpu":
         return Decision("reference", "CPU tensors are served by the reference backend (dequantize + float32 matmul)")
     skipped = []
-    for name in _GPU_ORDER:
+    order, why_order = preference(p)
+    for name in order:
         why_not = unavailable.get(name) or BACKENDS[name].unsupported_reason(p)
         if why_not is None:
-            return Decision(name, "; ".join(skipped) if skipped else f"first choice on {p.device_type}")
+            return Decision(name, "; ".join([why_order] + skipped))
         skipped.append(f"not {name}: {why_not}")
     raise AssertionError("the reference backend serves every call")
 
@@ -110,7 +136,9 @@ def _warn_slower_than_available(p: Problem, d: Decision, unavailable) -> None:
     if cuda_missing is not None:
         _warn_once("cuda-missing", f"w4a16_ops: the CUDA backend is unavailable ({cuda_missing}); using slower backends")
     shape = (p.K, p.N, p.G, p.has_zeros, p.dtype)
-    if cuda_missing is not None and BACKENDS["cuda"].unsupported_reason(p) is None:
+    order, _ = preference(p)
+    cuda_preferred = order.index("cuda") < order.index(d.backend)
+    if cuda_missing is not None and cuda_preferred and BACKENDS["cuda"].unsupported_reason(p) is None:
         _warn_once(
             ("shape", shape),
             f"w4a16_ops: {p.describe()} runs on {d.backend}; the CUDA kernel would serve it faster "
