@@ -96,8 +96,9 @@ class DecoderLayer(nn.Module):
         B = x.shape[0]
         q, k, v = self.qkv(self.n1(x)).split([self.heads * self.hd, self.kv_heads * self.hd, self.kv_heads * self.hd], -1)
         q = q.view(B, self.heads, 1, self.hd)
-        k = torch.cat([k_cache[:B], k.view(B, self.kv_heads, 1, self.hd)], dim=2)
-        v = torch.cat([v_cache[:B], v.view(B, self.kv_heads, 1, self.hd)], dim=2)
+        # One cached context shared by the batch (expand, not slice: no data-dependent size for M).
+        k = torch.cat([k_cache.expand(B, -1, -1, -1), k.view(B, self.kv_heads, 1, self.hd)], dim=2)
+        v = torch.cat([v_cache.expand(B, -1, -1, -1), v.view(B, self.kv_heads, 1, self.hd)], dim=2)
         a = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         x = x + self.o(a.reshape(B, self.heads * self.hd))
         g, u = self.gate_up(self.n2(x)).chunk(2, dim=-1)
@@ -108,8 +109,8 @@ class Decoder(nn.Module):
     def __init__(self, layers, hidden, inter, heads, kv_heads, hd, context, max_batch):
         super().__init__()
         self.layers = nn.ModuleList(DecoderLayer(hidden, inter, heads, kv_heads, hd) for _ in range(layers))
-        self.register_buffer("k_cache", torch.randn(max_batch, kv_heads, context, hd) * 0.1)
-        self.register_buffer("v_cache", torch.randn(max_batch, kv_heads, context, hd) * 0.1)
+        self.register_buffer("k_cache", torch.randn(1, kv_heads, context, hd) * 0.1)
+        self.register_buffer("v_cache", torch.randn(1, kv_heads, context, hd) * 0.1)
 
     def forward(self, x):
         for layer in self.layers:
