@@ -6,8 +6,6 @@ cannot run this point.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Callable, List, Union
 
 import torch
@@ -46,20 +44,6 @@ def torch_int4(M, K, N, G, dtype) -> Union[Calls, str]:
     n = copies_needed(packed.numel() * packed.element_size())
     ps = [(packed, sz)] + [(packed.clone(), sz.clone()) for _ in range(n - 1)]
     return [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p[0], G, p[1]) for p in ps]
-
-
-@contextlib.contextmanager
-def forced(name: str):
-    """W4A16_BACKEND=name while the calls are warmed up and captured ('auto': the op's own choice)."""
-    old = os.environ.get(dispatch.ENV_VAR)
-    os.environ[dispatch.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[dispatch.ENV_VAR]
-        else:
-            os.environ[dispatch.ENV_VAR] = old
 
 
 def w4a16(name: str):

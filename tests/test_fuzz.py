@@ -30,7 +30,6 @@ compute-sanitizer runs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -304,17 +303,7 @@ def compare(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> Optiona
     return None
 
 
-@contextlib.contextmanager
-def forced(name: str):
-    old = os.environ.get(dispatch.ENV_VAR)
-    os.environ[dispatch.ENV_VAR] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[dispatch.ENV_VAR]
-        else:
-            os.environ[dispatch.ENV_VAR] = old
+forced = dispatch.forced  # re-exported for the other robustness tests
 
 
 def problem_of(x, scales, zeros):

@@ -7,6 +7,7 @@ the environment override (W4A16_BACKEND), caching, and the one-time warnings.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -89,6 +90,20 @@ def check_forced(p: Problem, name: str, unavailable: Mapping[str, Optional[str]]
 
 def unavailable_backends() -> dict[str, Optional[str]]:
     return {name: b.availability() for name, b in BACKENDS.items()}
+
+
+@contextlib.contextmanager
+def forced(name: str):
+    """Set W4A16_BACKEND=name for the block ('auto': the automatic choice), then restore it."""
+    old = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = old
 
 
 def forced_backend() -> Optional[str]:
