@@ -63,6 +63,17 @@ def test_paths_small(K, N, G, zeros, path):
         assert_close_to_reference(out, case, f"{path} M={M} K={K} N={N} G={G} zeros={zeros}")
 
 
+@pytest.mark.parametrize("path", list(PATHS))
+def test_odd_k_channelwise(path):
+    """K not a multiple of 16 (only channelwise allows it): the K tail of the tile, both x halves."""
+    dev = "cuda" if ON_GPU else "cpu"
+    for K in (1, 3, 24, 40):
+        for M in (1, 5):
+            case = make_case(M, K, 72, K, zeros=M == 5, device=dev)
+            out = _run_forced(case, path)
+            assert_close_to_reference(out, case, f"{path} M={M} K={K} channelwise")
+
+
 def test_leading_dims_and_public_op(monkeypatch):
     """Through the op, forced to this backend (x with two leading dims)."""
     monkeypatch.setenv("W4A16_BACKEND", "triton")

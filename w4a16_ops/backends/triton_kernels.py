@@ -26,10 +26,10 @@ where deq_i is elementwise (so the compiler loads Wd straight into the dot-opera
 the four x slices (h, b) are cut from the natural x tile. Output rows are n = 64 tile + 16 j + 8 blk + c.
 
 Dequantization without int->float conversion: a nibble masked in place and or-ed with the exponent of
-a power of two v whose mantissa unit is the nibble's lowest bit reads as v + q, exactly (see _deq_pair:
-one lop3 per two weights, plus one shift per word for half of the nibbles). The offsets v + 8 are removed
-on the tensor cores: the weight dots start from the accumulator -(v0 + 8) colsum(X_0) - (v1 + 8)
-colsum(X_1) (two dots with constant A); zero points add -(z - 8) colsum(x) per row. Scales are
+a power of two v whose mantissa unit is the nibble's lowest bit reads as v + q, exactly; a packed subtract
+of v + 8 leaves the exact q - 8 (see _deq_pair: lop3 + sub per two weights, plus one shift per word for
+half of the nibbles). Zero points add -(z - 8) colsum(x) per row (colsum on the idle tensor cores, a dot
+with a constant ones operand). Scales are
 applied to the fp32 partial sums of each group (a K tile with several groups runs its dots once per
 group against x with the other groups' rows zeroed) or once at the end for channelwise G = K.
 
@@ -90,16 +90,18 @@ def _magic_offset(H: tl.constexpr, DTYPE: tl.constexpr):
 
 @triton.jit
 def _deq_pair(w2, NIB: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr):
-    """w2 [R, 2Q] holds every word twice (columns 2 q and 2 q + 1). Returns v + q of nibble NIB of the first
+    """w2 [R, 2Q] holds every word twice (columns 2 q and 2 q + 1). Returns q - 8 of nibble NIB of the first
     copy and of nibble NIB + 4 of the second one (the weights of rows k and k + 1, b = 0, 1, of the word's
-    column), exact, in DTYPE, with v = _magic_offset(NIB % 2) (the kernel removes v + z with extra dots).
+    column), exact, in DTYPE.
 
     In each 16-bit half of a word, nibble NIB sits at bits 4 (NIB % 2) + 8 (NIB // 2) .. + 3. One lop3 masks a
     nibble in place and ors in the exponent of a power of two whose mantissa unit is the nibble's lowest bit:
     1024 for bits 0-3 and 64 for bits 4-7 in fp16 (10 mantissa bits), so nibbles 0, 1, 4, 5 need no shift and
     2, 3, 6, 7 share one shift by 8. bf16 has 7 mantissa bits: bits 0-3 use 128, and the other nibbles are
-    first shifted to bits 3-6 (unit 16). With USE_ASM the pair (two copies of a word, consecutive elements of
-    a thread: the k pair of the dot-operand layout) becomes one f16x2 / bf16x2 register.
+    first shifted to bits 3-6 (unit 16). That reads as v + q, exactly; one packed subtract of v + 8 leaves
+    q - 8 (exact; keeping the offset out of the dot keeps IEEE semantics: Inf * 0 = NaN where q = 8). With
+    USE_ASM the pair (two copies of a word, consecutive elements of a thread: the k pair of the dot-operand
+    layout) becomes one f16x2 / bf16x2 register: lop3 + sub for two weights.
     """
     H: tl.constexpr = NIB % 2
     if DTYPE == tl.bfloat16:
@@ -123,8 +125,25 @@ def _deq_pair(w2, NIB: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr)
         t = w2 >> RSHIFT  # the sign bits this copies into bits >= 23 are masked off below
     else:
         t = w2
+    if DTYPE == tl.bfloat16:
+        if H == 0:
+            OFF2: tl.constexpr = 0x43084308  # 136 = 128 + 8
+        else:
+            OFF2: tl.constexpr = 0x41C041C0  # 24 = 16 + 8
+        SUB: tl.constexpr = "sub.bf16x2"
+    else:
+        if H == 0:
+            OFF2: tl.constexpr = 0x64086408  # 1032 = 1024 + 8
+        else:
+            OFF2: tl.constexpr = 0x54805480  # 72 = 64 + 8
+        SUB: tl.constexpr = "sub.f16x2"
     if USE_ASM:
-        ASM: tl.constexpr = f"lop3.b32 $0, $1, {MASK}, {MAGIC}, 0xEA;"
+        ASM: tl.constexpr = f"""{{
+            .reg .b32 c;
+            lop3.b32 $0, $1, {MASK}, {MAGIC}, 0xEA;
+            mov.b32 c, {OFF2};
+            {SUB} $0, $0, c;
+            }}"""
         if DTYPE == tl.bfloat16:
             return tl.inline_asm_elementwise(ASM, "=r,r,r", [t], dtype=tl.bfloat16, is_pure=True, pack=2)
         else:
@@ -132,7 +151,8 @@ def _deq_pair(w2, NIB: tl.constexpr, DTYPE: tl.constexpr, USE_ASM: tl.constexpr)
     else:
         b = tl.arange(0, w2.shape[1]) % 2
         half = (t >> (16 * b)[None, :]) & 0xFFFF  # the first copy's low half, the second copy's high half
-        return ((half & (MASK & 0xFFFF)) | (MAGIC & 0xFFFF)).to(tl.int16).to(DTYPE, bitcast=True)
+        v = ((half & (MASK & 0xFFFF)) | (MAGIC & 0xFFFF)).to(tl.int16).to(DTYPE, bitcast=True)
+        return v - (_magic_offset(H, DTYPE) + 8.0)
 
 
 @triton.jit
@@ -253,8 +273,6 @@ def nibble_gemm_kernel(
     acc0 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
     ones = tl.full([R, 2 * Q], 1.0, DTYPE)
-    off0 = tl.full([R, 2 * Q], -8.0 - _magic_offset(0, DTYPE), DTYPE)  # exact in fp16 and bf16
-    off1 = tl.full([R, 2 * Q], -8.0 - _magic_offset(1, DTYPE), DTYPE)
     if G == 0:
         s_cw, z_cw = _group_raw(s_ptr, z_ptr, 0, pid_n, N, N, HAS_ZEROS, BLOCK_N)
         s0_cw, s1_cw, dz0_cw, dz1_cw = _group_params(s_cw, z_cw, HAS_ZEROS, BLOCK_N)
@@ -282,20 +300,19 @@ def nibble_gemm_kernel(
         a11 = _deq_pair(w2, 3, DTYPE, USE_ASM)  # blk 1, h 1
         for gi in tl.static_range(NGT):
             if EVEN_K:
-                xmask = x_mask
-            else:
-                xmask = x_mask & (k0 + k_q < K)[:, None]
+                xmask0 = x_mask
+                xmask1 = x_mask
+            else:  # (K % 16 != 0 only for channelwise G = K: X_1's rows k + 8 need their own bound)
+                xmask0 = x_mask & (k0 + k_q < K)[:, None]
+                xmask1 = x_mask & (k0 + k_q + 8 < K)[:, None]
             if NGT > 1:
-                xmask = xmask & (slab_q // (G // 16) == gi)[:, None]
-            x0 = tl.load(x0_ptrs, mask=xmask, other=0.0)
-            x1 = tl.load(x0_ptrs + 8 * stride_xk, mask=xmask, other=0.0)
-            # base = -(v0 + 8) sum_k x0 - (v1 + 8) sum_k x1 for every row (z = 8; zero points below), on the
-            # tensor cores (idle at small M) as the accumulator the weight dots start from.
-            base = tl.dot(off0, x0)
-            base = tl.dot(off1, x1, base)
-            p0 = tl.dot(a00, x0, base)
+                xmask0 = xmask0 & (slab_q // (G // 16) == gi)[:, None]
+                xmask1 = xmask1 & (slab_q // (G // 16) == gi)[:, None]
+            x0 = tl.load(x0_ptrs, mask=xmask0, other=0.0)
+            x1 = tl.load(x0_ptrs + 8 * stride_xk, mask=xmask1, other=0.0)
+            p0 = tl.dot(a00, x0)
             p0 = tl.dot(a01, x1, p0)
-            p1 = tl.dot(a10, x0, base)
+            p1 = tl.dot(a10, x0)
             p1 = tl.dot(a11, x1, p1)
             if HAS_ZEROS:
                 xs = tl.dot(ones, x0)  # column sums of x, broadcast to every row
