@@ -1,41 +1,42 @@
 """Triton kernels of the Triton backend. Imported lazily by triton.py: importing w4a16_ops never needs triton.
 
-Two GEMM kernels (triton.py picks one and its configuration by M) and the split-K reduction:
+Kernels (triton.py picks one and its configuration by M from the shipped table):
 
 * ``nibble_gemm_kernel`` (decode and medium M): out^T = W^T @ x^T ("swap AB"). The dequantized weight
   is the A operand of tl.dot, which lives in registers (on Hopper, wgmma reads A from registers), so the
   weights never take a round trip through shared memory after dequantization, and the weight dimension
-  fills the tensor core's M = 64 while the few rows of x become its small N. Split-K over a third grid axis.
-* ``dense_gemm_kernel`` (large M): out = x @ W with the dequantized weight tile as the B operand (shared
-  memory, as wgmma requires), amortized over a large M tile.
-* ``splitk_reduce_kernel``: sums the fp32 split-K partials in a fixed order (bit-deterministic).
+  fills the tensor core's M = 64 while the few rows of x become its small N. Split-K over a third grid
+  axis; fp32 partials reduced in split order by ``splitk_reduce_kernel`` or, optionally, by the last
+  program of each output tile (IN_REDUCE): bit-identical, deterministic either way.
+* ``dequant_kernel`` (large M, with torch.mm): the dense [K, N] weight, (q - z) * s rounded once.
+* ``dense_gemm_kernel``: out = x @ W with the dequantized tile as the shared-memory B operand (kept for
+  GPUs and sizes where it wins; on the H100 dequant + torch.mm is faster).
 
 Reading the packed format (w4a16_ops/format.py) without repacking. In a 16 x 64 tile,
 
     word   = 16 c + 4 t4 + j           kk = k % 16 = 8 h + 2 t4 + b
     nibble = 4 b + 2 blk + h           nn = n % 64 = 16 j + 8 blk + c
 
-nibble_gemm_kernel never expands a word into a bigger tensor (reshapes and broadcasts would force the
-compiler to shuffle the weights through shared memory). It loads the words as a 2-D tile Wd[r, q] with
-rows r = (64-column tile, c, j) (j fastest: 4 consecutive words, one 16-byte vector) and columns
-q = (slab, t4), and computes EIGHT dots per K tile, one per nibble i = (b, blk, h):
+nibble_gemm_kernel never expands a word with broadcasts or reshapes of the weights (those make the
+compiler shuffle the weights through shared memory). It loads words as a tile [R, Q], rows r = (64-column
+tile, c, j), columns q = (slab, t4), joins the tile with itself ([R, 2Q]: the k pair b = 0, 1 that a thread
+holds in the dot-operand layout, so each word is loaded once, straight into registers) and computes four
+dots per K tile, one per (blk, h):
 
-    acc_blk[r, m] += sum over (h, b) of  deq_i(Wd)[r, q] * x[m, 16 slab + 8 h + 2 t4 + b]
+    p_blk += A_blk_h @ X_h,   A_blk_h[r, 2 q + b] = nibble 4 b + 2 blk + h of word[r, q] (as q - 8),
+                              X_h[(slab, t4, b), m] = x[m, 16 slab + 8 h + 2 t4 + b]
 
-where deq_i is elementwise (so the compiler loads Wd straight into the dot-operand register layout) and
-the four x slices (h, b) are cut from the natural x tile. Output rows are n = 64 tile + 16 j + 8 blk + c.
+X_h is 8 contiguous k per slab, loaded (and pipelined) straight from x. Output row r of half blk is
+column n = 64 tile + 16 j + 8 blk + c.
 
 Dequantization without int->float conversion: a nibble masked in place and or-ed with the exponent of
 a power of two v whose mantissa unit is the nibble's lowest bit reads as v + q, exactly; a packed subtract
-of v + 8 leaves the exact q - 8 (see _deq_pair: lop3 + sub per two weights, plus one shift per word for
-half of the nibbles). Zero points add -(z - 8) colsum(x) per row (colsum on the idle tensor cores, a dot
-with a constant ones operand). Scales are
-applied to the fp32 partial sums of each group (a K tile with several groups runs its dots once per
-group against x with the other groups' rows zeroed) or once at the end for channelwise G = K.
-
-On the GPU (USE_ASM) one inline-asm instance turns a pair of words (the two k columns a thread holds in
-the dot-operand layout) into two f16x2/bf16x2 registers per byte: prmt + 2 lop3 + 2 packed subtracts for
-4 weights. The interpreter (CPU tests) runs the same math in plain Triton.
+of v + 8 leaves the exact q - 8 (see _deq_pair: lop3 + sub per two weights on the GPU, plus one shift per
+word for half of the nibbles). Zero points add -(z - 8) colsum(x) per row (colsum on the idle tensor
+cores, a dot with a constant ones operand). Scales multiply the fp32 partial sums of each group (a K tile
+with several groups runs its dots once per group against x with the other groups' rows masked at the
+load) or the accumulator once at the end for channelwise G = K. The interpreter (CPU tests) runs the
+same math in plain Triton (USE_ASM off).
 """
 
 from __future__ import annotations
@@ -47,14 +48,6 @@ import triton.language as tl
 # --------------------------------------------------------------------------------------------------------
 # Dequantization helpers
 # --------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _magic(DTYPE: tl.constexpr):
-    if DTYPE == tl.bfloat16:
-        return 0x4300
-    else:
-        return 0x6400
 
 
 @triton.jit
