@@ -7,12 +7,14 @@ time, so CUDA-graph capture and torch.compile see fixed launches. scripts/tune_t
 step that rewrites the table.
 
 Paths (the "kernel" of a configuration):
-    "nibble"  decode and medium M: weights as the register A operand of one dot per nibble, split-K
-              over a third grid axis when the output tiles alone cannot fill the GPU
+    "nibble"  decode and medium M: weights as the register A operand (four dots per K tile, one per
+              nibble pair), split-K over a third grid axis when the output tiles cannot fill the GPU
     "dense"   dequantized weight tile as the shared-memory B operand, grouped launch order
     "dqmm"    large M: a Triton kernel dequantizes into a dense [K, N] weight, torch.mm does the GEMM
 Split-K partials are fp32 [split, M, N] summed in a fixed order by a second small kernel, so results
-are bit-identical from run to run (no atomics).
+are bit-identical from run to run (no floating-point atomics). A table entry with "reduce": "inkernel"
+lets the last program of each output tile do the same ordered sum instead (one kernel; arrival counters
+per device and stream, allocated outside graph capture; bit-identical to the two-kernel sum).
 """
 
 from __future__ import annotations
