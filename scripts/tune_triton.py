@@ -29,17 +29,8 @@ from benchmarks.timing import copies_needed, time_rotating  # noqa: E402
 from w4a16_ops import dispatch  # noqa: E402
 from w4a16_ops.backends import triton as tb  # noqa: E402
 
-SHAPES = {
-    "llama3-8b.o": (4096, 4096),
-    "llama3-8b.qkv": (4096, 6144),
-    "llama3-8b.down": (14336, 4096),
-    "llama3-8b.gate_up": (4096, 28672),
-    "K2112.down": (2112, 4096),
-    "N2120": (4096, 2120),
-    "K7392.down": (7392, 4096),
-    "N7400": (4096, 7400),
-    "K14784.down": (14784, 4096),
-}
+from benchmarks.bench_op import SHAPES  # noqa: E402  (one shape table for the benchmark and the tuner)
+
 DEFAULT_SHAPES = ["llama3-8b.o", "llama3-8b.down", "K7392.down", "N7400", "K14784.down", "N2120"]
 DEFAULT_MS = [1, 16, 32, 64, 128, 256, 1024, 4096]
 
