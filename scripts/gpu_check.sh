@@ -8,7 +8,8 @@
 #   W4A16_BENCH   arguments for benchmarks/bench_op.py (default: --quick); "skip" skips it
 #   W4A16_EXTRA   a shell command run last (e.g. compute-sanitizer runs), output in OUTDIR/extra.log
 #   W4A16_{TEST,BENCH,EXTRA}_TIMEOUT   seconds each stage may take (default 3600)
-#   W4A16_PYTEST_ARGS  more pytest arguments (e.g. -n 4 with pytest-xdist)
+#   W4A16_PYTEST_ARGS  more pytest arguments (e.g. "-n 8 --dist loadgroup" with pytest-xdist)
+#   W4A16_TIMINGS is set to OUTDIR/timings.txt: every test's outcome and seconds as it ends (tests/conftest.py)
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -26,7 +27,7 @@ echo "build: $(( $(date +%s) - start )) s"
 grep -E "registers|spill|bytes stack" "$OUT/build.log" | sort -u | head -40 > "$OUT/ptxas.txt" || true
 
 python3 -m w4a16_ops > "$OUT/main.log" 2>&1; echo "python -m w4a16_ops: exit $?"; tail -25 "$OUT/main.log"
-timeout ${W4A16_TEST_TIMEOUT:-3600} python3 -m pytest ${W4A16_TESTS:-tests} -q -rfEx -p no:cacheprovider ${W4A16_PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
+W4A16_TIMINGS="$OUT/timings.txt" timeout ${W4A16_TEST_TIMEOUT:-3600} python3 -m pytest ${W4A16_TESTS:-tests} -q -rfEx -p no:cacheprovider ${W4A16_PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
 test_rc=${PIPESTATUS[0]}
 
 if [ "${W4A16_BENCH:---quick}" != "skip" ]; then

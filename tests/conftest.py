@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "xdist_group(name): keep these tests on one pytest-xdist worker")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,3 +30,14 @@ def _fresh_seed(request):
     seed = abs(hash(request.node.nodeid)) % (2**31)
     torch.manual_seed(seed)
     yield
+
+
+def pytest_runtest_logreport(report):
+    # W4A16_TIMINGS=FILE: one line per test phase as it ends (outcome, seconds, id), so a run cut off by a time
+    # limit still says which tests were slow or failed (pytest's own summary only prints at the end).
+    path = os.environ.get("W4A16_TIMINGS")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # under pytest -n the controller gets every report: write there once
+        return
+    if path and (report.when == "call" or report.outcome != "passed"):
+        with open(path, "a") as f:
+            f.write(f"{report.outcome:8s} {report.when:8s} {report.duration:8.2f} {report.nodeid}\n")

@@ -260,6 +260,7 @@ def gpu_results():
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("concurrency_child")  # one child run for all cases under pytest -n (--dist loadgroup)
 @pytest.mark.parametrize("dt", list(GPU_DTYPES))
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

@@ -188,6 +188,33 @@ def test_weights_at_unaligned_offsets(cuda_ready):
         assert_close_to_reference(run_backend("cuda", c), c, f"unaligned weights M={m}")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 17, 64])
+def test_x_at_an_odd_offset(cuda_ready, M):
+    # x contiguous but 2 bytes into its storage: x.contiguous() is x itself, so the backend must copy it aligned
+    # (the GPU fuzz found the unaligned view reaching the kernel: the process died).
+    K, N, G = 608, 608, 32
+    case = make_case(M, K, N, G, zeros=True, dtype=torch.bfloat16, device="cuda")
+    flat = torch.full((M * K + 1,), float("nan"), dtype=torch.bfloat16, device="cuda")
+    x = flat[1:].view(M, K)
+    x.copy_(case.x)
+    assert x.is_contiguous() and x.data_ptr() % 16 != 0
+    c = case._replace(x=x)
+    assert_close_to_reference(run_backend("cuda", c), c, f"x at offset 1, M={M}")
+
+
+@pytest.mark.gpu
+def test_binding_rejects_an_unaligned_x(cuda_ready):
+    # The private op checks what the kernel assumes and raises; it must never crash the process.
+    M, K, N, G = 3, 256, 128, 128
+    case = make_case(M, K, N, G, zeros=False, dtype=torch.float16, device="cuda")
+    x = torch.empty(M * K + 1, dtype=torch.float16, device="cuda")[1:].view(M, K)
+    out = torch.empty(M, N, dtype=torch.float16, device="cuda")
+    locks = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        torch.ops.w4a16._cuda_gemm(x, case.qweight, case.scales, None, out, locks, 0)
+
+
 # ---------------------------------------------------------------- CPU: dispatch rules
 
 

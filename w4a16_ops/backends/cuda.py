@@ -98,7 +98,8 @@ def _x_ready(x2d: torch.Tensor) -> torch.Tensor:
     if K % 8:
         return F.pad(x2d, (0, 8 - K % 8))  # channelwise only (any G >= 32 divides K): the zero columns add nothing
     if x2d.stride(1) != 1 or (M > 1 and x2d.stride(0) % 8) or x2d.data_ptr() % 16:
-        return x2d.contiguous()
+        # clone, not contiguous(): a contiguous view at an odd offset would come back as itself, unaligned.
+        return x2d.clone(memory_format=torch.contiguous_format)
     return x2d
 
 
