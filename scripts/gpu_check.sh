@@ -27,7 +27,7 @@ echo "build: $(( $(date +%s) - start )) s"
 grep -E "registers|spill|bytes stack" "$OUT/build.log" | sort -u | head -40 > "$OUT/ptxas.txt" || true
 
 python3 -m w4a16_ops > "$OUT/main.log" 2>&1; echo "python -m w4a16_ops: exit $?"; tail -25 "$OUT/main.log"
-W4A16_TIMINGS="$OUT/timings.txt" timeout ${W4A16_TEST_TIMEOUT:-3600} python3 -m pytest ${W4A16_TESTS:-tests} -q -rfEx -p no:cacheprovider ${W4A16_PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
+W4A16_TIMINGS="$OUT/timings.txt" timeout -s INT -k 60 ${W4A16_TEST_TIMEOUT:-3600} python3 -m pytest ${W4A16_TESTS:-tests} -q -rfEx -p no:cacheprovider ${W4A16_PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
 test_rc=${PIPESTATUS[0]}
 
 if [ "${W4A16_BENCH:---quick}" != "skip" ]; then

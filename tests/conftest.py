@@ -38,6 +38,6 @@ def pytest_runtest_logreport(report):
     path = os.environ.get("W4A16_TIMINGS")
     if os.environ.get("PYTEST_XDIST_WORKER"):  # under pytest -n the controller gets every report: write there once
         return
-    if path and (report.when == "call" or report.outcome != "passed"):
+    if path and (report.when == "call" or report.outcome != "passed" or report.duration > 1.0):
         with open(path, "a") as f:
             f.write(f"{report.outcome:8s} {report.when:8s} {report.duration:8.2f} {report.nodeid}\n")
