@@ -58,12 +58,13 @@ def main(argv=None) -> None:
     ap.add_argument("--kernels", default=None, help="comma list of contenders (default: all)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--with-reference", action="store_true")
+    ap.add_argument("--zeros", action="store_true", help="asymmetric weights (zero points) for this package's op")
     args = ap.parse_args(argv)
 
     shapes = args.shapes.split(",") if args.shapes else (QUICK_SHAPES if args.quick else list(SHAPES))
     ms = [int(m) for m in args.ms.split(",")] if args.ms else (QUICK_MS if args.quick else MS)
     dtypes = [getattr(torch, d) for d in args.dtype.split(",")]
-    all_kernels = contenders(args.with_reference)
+    all_kernels = contenders(args.with_reference, args.zeros)
     names = args.kernels.split(",") if args.kernels else list(all_kernels)
     os.makedirs(args.out, exist_ok=True)
 
@@ -75,6 +76,7 @@ def main(argv=None) -> None:
         "torch": torch.__version__,
         "copy_bw_TBps": bw / 1e12,
         "dense_TFLOPs": rate / 1e12,
+        "zeros": args.zeros,
     }
     print(f"{gpu}: copy {bw / 1e12:.2f} TB/s (read + write), dense fp16 matmul {rate / 1e12:.0f} TFLOP/s")
 
@@ -85,7 +87,7 @@ def main(argv=None) -> None:
             G = group_for(K, args.group)
             for M in ms:
                 flops = 2 * M * N * K
-                wbytes = K * N // 2 + 2 * N * K // G
+                wbytes = K * N // 2 + 2 * N * K // G + (N * K // G // 2 if args.zeros else 0)
                 nbytes = wbytes + 2 * M * K + 2 * M * N
                 floor_us = max(nbytes / bw, flops / rate) * 1e6
                 base = None

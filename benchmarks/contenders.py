@@ -46,31 +46,36 @@ def torch_int4(M, K, N, G, dtype) -> Union[Calls, str]:
     return [lambda p=p: torch.ops.aten._weight_int4pack_mm(x, p[0], G, p[1]) for p in ps]
 
 
-def w4a16(name: str):
-    """This package's op, with backend `name` forced, or 'auto'."""
+def w4a16(name: str, zeros: bool = False):
+    """This package's op, with backend `name` forced, or 'auto'; zeros: asymmetric weights (zero points)."""
 
     def setup(M, K, N, G, dtype) -> Union[Calls, str]:
         if name != "auto":
             why = BACKENDS[name].availability()
             if why is None:
-                p = dispatch.problem_for(torch.device("cuda"), dtype, M, K, N, G, False)
+                p = dispatch.problem_for(torch.device("cuda"), dtype, M, K, N, G, zeros)
                 why = BACKENDS[name].unsupported_reason(p)
             if why is not None:
                 return why
         q = torch.randint(0, 16, (N, K), dtype=torch.uint8, device="cuda")
         scales = (torch.rand(K // G, N, device="cuda") * 0.01 + 0.001).to(dtype)
-        packed = w4a16_ops.pack(q, scales)
+        z = torch.randint(0, 16, (K // G, N), device="cuda") if zeros else None
+        packed = w4a16_ops.pack(q, scales, z)
         x = torch.randn(M, K, dtype=dtype, device="cuda")
-        n = copies_needed(packed.qweight.numel() * 4 + scales.numel() * 2)
-        ps = [packed] + [w4a16_ops.PackedW4A16(packed.qweight.clone(), scales.clone(), None) for _ in range(n - 1)]
-        return [lambda p=p: torch.ops.w4a16.gemm(x, p.qweight, p.scales, None) for p in ps]
+        zbytes = packed.zeros.numel() * 4 if zeros else 0
+        n = copies_needed(packed.qweight.numel() * 4 + scales.numel() * 2 + zbytes)
+        ps = [packed] + [
+            w4a16_ops.PackedW4A16(packed.qweight.clone(), scales.clone(), None if z is None else packed.zeros.clone())
+            for _ in range(n - 1)
+        ]
+        return [lambda p=p: torch.ops.w4a16.gemm(x, p.qweight, p.scales, p.zeros) for p in ps]
 
     return setup
 
 
-def contenders(with_reference: bool = False):
-    out = {"dense": dense, "torch_int4": torch_int4, "w4a16_auto": w4a16("auto")}
+def contenders(with_reference: bool = False, zeros: bool = False):
+    out = {"dense": dense, "torch_int4": torch_int4, "w4a16_auto": w4a16("auto", zeros)}
     for name in BACKENDS:
         if name != "reference" or with_reference:
-            out[f"w4a16_{name}"] = w4a16(name)
+            out[f"w4a16_{name}"] = w4a16(name, zeros)
     return out

@@ -49,7 +49,8 @@ def write_markdown(rows, meta, path):
         "",
         f"Copy bandwidth {meta['copy_bw_TBps']:.2f} TB/s (read + write), dense fp16 matmul "
         f"{meta['dense_TFLOPs']:.0f} TFLOP/s. Weights rotated through copies > 3x L2, CUDA-graph replay, "
-        "median of repetitions. Cells: time in us (speedup over the dense matmul of the same dtype).",
+        "median of repetitions. Cells: time in us (speedup over the dense matmul of the same dtype). "
+        + ("This package's op with zero points (asymmetric weights)." if meta.get("zeros") else "Symmetric weights."),
         "",
         "| dtype | shape | K x N | G | M | floor (us) | " + " | ".join(kernels) + " |",
         "|---" * (6 + len(kernels)) + "|",

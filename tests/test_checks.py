@@ -1,11 +1,14 @@
 """Bad input gets a clear error naming the argument, the expected and the given value, with the
 same words in eager mode, under FakeTensorMode (torch.compile's tracing) and on the meta device."""
 
-import expecttest
+import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import w4a16_ops
+
+# CI installs expecttest (requirements-ci.txt); a GPU machine without it still runs the rest of the suite.
+expecttest = pytest.importorskip("expecttest")
 
 
 def _valid(K=256, N=128, G=64, zeros=True, dtype=torch.float16):

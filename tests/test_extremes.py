@@ -47,12 +47,9 @@ PATHS = [n for n, why in dispatch.unavailable_backends().items() if why is None]
 
 # Failures found by these tests in backends this file may not change. Strict both ways: a listed case that
 # fails is reported as xfail with the reason; a listed case that passes FAILS (the entry must go).
-KNOWN_FAILURES = {
-    ("triton", "inf-in-x-with-zeros"): (
-        "the Triton kernels apply zero points as a rank-1 correction acc -= (z - 8) * s * sum_k x; with an Inf "
-        "in x both terms are Inf, Inf - Inf = NaN (and (z - 8) * Inf = NaN when z = 8), where the reference "
-        "gives +-Inf (notes/robustness.md)"
-    ),
+KNOWN_FAILURES: dict = {
+    # (backend, what): why. Empty: the Triton Inf-with-zero-points NaN (a rank-1 zero-point correction, Inf - Inf)
+    # was fixed at its root (q - z in the weights, triton_kernels.py).
 }
 
 

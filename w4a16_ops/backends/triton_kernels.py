@@ -32,8 +32,8 @@ column n = 64 tile + 16 j + 8 blk + c.
 Dequantization without int->float conversion: a nibble masked in place and or-ed with the exponent of
 a power of two v whose mantissa unit is the nibble's lowest bit reads as v + q, exactly; a packed subtract
 of v + 8 leaves the exact q - 8 (see _deq_pair: lop3 + sub per two weights on the GPU, plus one shift per
-word for half of the nibbles). Zero points add -(z - 8) colsum(x) per row (colsum on the idle tensor
-cores, a dot with a constant ones operand). Scales multiply the fp32 partial sums of each group (a K tile
+word for half of the nibbles). Zero points: one more packed subtract of z - 8 per two weights gives q - z
+exactly in the weights (not a rank-1 correction after the dot, which turns an Inf in x into NaN). Scales multiply the fp32 partial sums of each group (a K tile
 with several groups runs its dots once per group against x with the other groups' rows masked at the
 load) or the accumulator once at the end for channelwise G = K. The interpreter (CPU tests) runs the
 same math in plain Triton (USE_ASM off).
@@ -265,7 +265,6 @@ def nibble_gemm_kernel(
 
     acc0 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
-    ones = tl.full([R, 2 * Q], 1.0, DTYPE)
     if G == 0:
         s_cw, z_cw = _group_raw(s_ptr, z_ptr, 0, pid_n, N, N, HAS_ZEROS, BLOCK_N)
         s0_cw, s1_cw, dz0_cw, dz1_cw = _group_params(s_cw, z_cw, HAS_ZEROS, BLOCK_N)
@@ -303,34 +302,38 @@ def nibble_gemm_kernel(
                 xmask1 = xmask1 & (slab_q // (G // 16) == gi)[:, None]
             x0 = tl.load(x0_ptrs, mask=xmask0, other=0.0)
             x1 = tl.load(x0_ptrs + 8 * stride_xk, mask=xmask1, other=0.0)
-            p0 = tl.dot(a00, x0)
-            p0 = tl.dot(a01, x1, p0)
-            p1 = tl.dot(a10, x0)
-            p1 = tl.dot(a11, x1, p1)
-            if HAS_ZEROS:
-                xs = tl.dot(ones, x0)  # column sums of x, broadcast to every row
-                xs = tl.dot(ones, x1, xs)
             if G == 0:
-                if HAS_ZEROS:
-                    acc0 += p0 - dz0_cw[:, None] * xs
-                    acc1 += p1 - dz1_cw[:, None] * xs
-                else:
-                    acc0 += p0
-                    acc1 += p1
+                s0 = s0_cw
+                s1 = s1_cw
+                dz0 = dz0_cw
+                dz1 = dz1_cw
+            elif NGT == 1:
+                s0, s1, dz0, dz1 = _group_params(s_cur, z_cur, HAS_ZEROS, BLOCK_N)
             else:
-                if NGT == 1:
-                    s0, s1, dz0, dz1 = _group_params(s_cur, z_cur, HAS_ZEROS, BLOCK_N)
-                else:
-                    g = k0 // G + gi
-                    n_lim = tl.where(g * G < K, N, 0)  # a group past K (last tile) reads nothing
-                    s_row, z_row = _group_raw(s_ptr, z_ptr, g, pid_n, N, n_lim, HAS_ZEROS, BLOCK_N)
-                    s0, s1, dz0, dz1 = _group_params(s_row, z_row, HAS_ZEROS, BLOCK_N)
-                if HAS_ZEROS:
-                    acc0 += (p0 - dz0[:, None] * xs) * s0[:, None]
-                    acc1 += (p1 - dz1[:, None] * xs) * s1[:, None]
-                else:
-                    acc0 += p0 * s0[:, None]
-                    acc1 += p1 * s1[:, None]
+                g = k0 // G + gi
+                n_lim = tl.where(g * G < K, N, 0)  # a group past K (last tile) reads nothing
+                s_row, z_row = _group_raw(s_ptr, z_ptr, g, pid_n, N, n_lim, HAS_ZEROS, BLOCK_N)
+                s0, s1, dz0, dz1 = _group_params(s_row, z_row, HAS_ZEROS, BLOCK_N)
+            if HAS_ZEROS:
+                # q - z = (q - 8) - (z - 8), exact in DTYPE, in the weights themselves: a rank-1 correction
+                # -(z - 8) * colsum(x) after the dot would turn an Inf in x into Inf - Inf = NaN.
+                e0 = dz0.to(DTYPE)[:, None]
+                e1 = dz1.to(DTYPE)[:, None]
+                p0 = tl.dot(a00 - e0, x0)
+                p0 = tl.dot(a01 - e0, x1, p0)
+                p1 = tl.dot(a10 - e1, x0)
+                p1 = tl.dot(a11 - e1, x1, p1)
+            else:
+                p0 = tl.dot(a00, x0)
+                p0 = tl.dot(a01, x1, p0)
+                p1 = tl.dot(a10, x0)
+                p1 = tl.dot(a11, x1, p1)
+            if G == 0:
+                acc0 += p0
+                acc1 += p1
+            else:
+                acc0 += p0 * s0[:, None]
+                acc1 += p1 * s1[:, None]
         x0_ptrs += BLOCK_K * stride_xk
 
     if G == 0:
