@@ -112,3 +112,10 @@ def test_measured_table_on_hopper():
     # A preferred backend that is missing falls through with its reason.
     d = dispatch.decide(_p(M=16), {"triton": "not built"})
     assert d.backend == "cuda" and "not triton: not built" in d.reason
+
+
+def test_measured_table_with_zero_points_on_hopper():
+    # benchmarks/results/h100_zeros.md: with zero points the CUDA kernel beats Triton at M = 16 on every measured shape.
+    assert [dispatch.decide(_p(M=M, zeros=True), {}).backend for M in (1, 16, 64, 256)] == ["cuda"] * 4
+    assert "zero-point weights" in dispatch.decide(_p(M=16, zeros=True), {}).reason
+    assert dispatch.decide(_p(M=16, zeros=True), {"cuda": "not built"}).backend == "triton"

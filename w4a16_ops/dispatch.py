@@ -38,14 +38,29 @@ _MEASURED_ORDER = {
 }
 
 
+# With zero points the measured order differs: Triton's nibble kernel subtracts z from the weights (exact for
+# Inf in x), which triton 3.6 routes through shared memory; H100, fp16, G = 128, M = 16 (benchmarks/results/
+# h100_zeros.md; G = 64 for K = 2112): CUDA 27.8 / 14.9 / 15.2 us against Triton 61.9 / 15.8 / 19.2 us on Llama-3-8B down_proj,
+# K = 2112 and N = 2120. So CUDA goes first below M = 256 too.
+_MEASURED_ORDER_ZEROS = {
+    9: (
+        (256, ("cuda", "triton", "reference")),
+        (None, ("cuda", "triton", "reference")),
+    ),
+}
+
+
 def preference(p: Problem) -> tuple:
     """(order in which backends are tried for p, why that order). Pure."""
-    buckets = _MEASURED_ORDER.get(p.capability[0]) if p.capability else None
+    table = _MEASURED_ORDER_ZEROS if p.has_zeros else _MEASURED_ORDER
+    buckets = table.get(p.capability[0]) if p.capability else None
+    kind = "zero-point" if p.has_zeros else "symmetric"
     lo = 1
     for limit, order in buckets or ():
         if limit is None or p.M < limit:
             rng = f"M >= {lo}" if limit is None else f"{lo} <= M < {limit}"
-            return order, f"{order[0]} is first for sm_{p.capability[0]}x at {rng} (measured table in dispatch.py)"
+            return order, (f"{order[0]} is first for {kind} weights on sm_{p.capability[0]}x at {rng} "
+                           "(measured table in dispatch.py)")
         lo = limit
     return _DEFAULT_ORDER, f"{_DEFAULT_ORDER[0]} is first by default on {p.device_type}"
 
