@@ -33,9 +33,10 @@ Dequantization without int->float conversion: a nibble masked in place and or-ed
 a power of two v whose mantissa unit is the nibble's lowest bit reads as v + q, exactly; a packed subtract
 of v + 8 leaves the exact q - 8 (see _deq_pair: lop3 + sub per two weights on the GPU, plus one shift per
 word for half of the nibbles). Zero points: one more packed subtract of z - 8 per two weights gives q - z
-exactly in the weights (not a rank-1 correction after the dot, which turns an Inf in x into NaN). Scales multiply the fp32 partial sums of each group (a K tile
-with several groups runs its dots once per group against x with the other groups' rows masked at the
-load) or the accumulator once at the end for channelwise G = K. The interpreter (CPU tests) runs the
+exactly in the weights (not a rank-1 correction after the dot, which turns an Inf in x into NaN). Scales
+multiply the fp32 partial sums of each group (a K tile with several groups runs its dots once per group
+against x with the other groups' rows masked at the load) or the accumulator once at the end for
+channelwise G = K. The interpreter (CPU tests) runs the
 same math in plain Triton (USE_ASM off).
 """
 
@@ -266,8 +267,9 @@ def nibble_gemm_kernel(
     acc0 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
     if G == 0:
+        # Channelwise: one group, its parameters loaded once for the whole K loop.
         s_cw, z_cw = _group_raw(s_ptr, z_ptr, 0, pid_n, N, N, HAS_ZEROS, BLOCK_N)
-        s0_cw, s1_cw, dz0_cw, dz1_cw = _group_params(s_cw, z_cw, HAS_ZEROS, BLOCK_N)
+        s0, s1, dz0, dz1 = _group_params(s_cw, z_cw, HAS_ZEROS, BLOCK_N)
     if G > 0 and NGT == 1:
         # One group per K tile: its scales are prefetched one tile ahead (into registers).
         s_nxt, z_nxt = _group_raw(s_ptr, z_ptr, (k_tile_begin * BLOCK_K) // G, pid_n, N,
@@ -302,14 +304,9 @@ def nibble_gemm_kernel(
                 xmask1 = xmask1 & (slab_q // (G // 16) == gi)[:, None]
             x0 = tl.load(x0_ptrs, mask=xmask0, other=0.0)
             x1 = tl.load(x0_ptrs + 8 * stride_xk, mask=xmask1, other=0.0)
-            if G == 0:
-                s0 = s0_cw
-                s1 = s1_cw
-                dz0 = dz0_cw
-                dz1 = dz1_cw
-            elif NGT == 1:
+            if G > 0 and NGT == 1:
                 s0, s1, dz0, dz1 = _group_params(s_cur, z_cur, HAS_ZEROS, BLOCK_N)
-            else:
+            elif G > 0:
                 g = k0 // G + gi
                 n_lim = tl.where(g * G < K, N, 0)  # a group past K (last tile) reads nothing
                 s_row, z_row = _group_raw(s_ptr, z_ptr, g, pid_n, N, n_lim, HAS_ZEROS, BLOCK_N)
@@ -337,8 +334,8 @@ def nibble_gemm_kernel(
         x0_ptrs += BLOCK_K * stride_xk
 
     if G == 0:
-        acc0 = acc0 * s0_cw[:, None]
-        acc1 = acc1 * s1_cw[:, None]
+        acc0 = acc0 * s0[:, None]
+        acc1 = acc1 * s1[:, None]
 
     o_off = offs_m[None, :].to(tl.int64) * stride_om
     n0_ok = n0 < N
