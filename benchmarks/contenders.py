@@ -14,7 +14,7 @@ import w4a16_ops
 from w4a16_ops import dispatch
 from w4a16_ops.backends import BACKENDS
 
-from .timing import copies_needed
+from .timing import copies_needed, packed_copies
 
 Calls = List[Callable[[], object]]
 
@@ -62,13 +62,7 @@ def w4a16(name: str, zeros: bool = False):
         z = torch.randint(0, 16, (K // G, N), device="cuda") if zeros else None
         packed = w4a16_ops.pack(q, scales, z)
         x = torch.randn(M, K, dtype=dtype, device="cuda")
-        zbytes = packed.zeros.numel() * 4 if zeros else 0
-        n = copies_needed(packed.qweight.numel() * 4 + scales.numel() * 2 + zbytes)
-        ps = [packed] + [
-            w4a16_ops.PackedW4A16(packed.qweight.clone(), scales.clone(), None if z is None else packed.zeros.clone())
-            for _ in range(n - 1)
-        ]
-        return [lambda p=p: torch.ops.w4a16.gemm(x, p.qweight, p.scales, p.zeros) for p in ps]
+        return [lambda p=p: torch.ops.w4a16.gemm(x, p.qweight, p.scales, p.zeros) for p in packed_copies(packed)]
 
     return setup
 

@@ -23,6 +23,12 @@ def copies_needed(bytes_per_copy: int, factor: float = 3.0, at_least: int = 2, a
     return max(at_least, min(at_most, need))
 
 
+def packed_copies(packed) -> list:
+    """packed (a PackedW4A16) and clones of it, enough to rotate through more than the L2 (zeros may be None)."""
+    n = copies_needed(sum(t.numel() * t.element_size() for t in packed if t is not None))
+    return [packed] + [type(packed)(*(t if t is None else t.clone() for t in packed)) for _ in range(n - 1)]
+
+
 def time_rotating(calls: Sequence[Callable[[], object]], reps: int = 20, warmup: int = 3, graph: bool = True) -> float:
     """Median microseconds per call. calls[i] touches weight copy i; all of them run per repetition."""
     for _ in range(warmup):  # compile / autotune-free warm-up and allocator settling

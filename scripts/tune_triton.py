@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import w4a16_ops  # noqa: E402
-from benchmarks.timing import copies_needed, time_rotating  # noqa: E402
+from benchmarks import contenders  # noqa: E402
+from benchmarks.timing import packed_copies, time_rotating  # noqa: E402
 from w4a16_ops import dispatch  # noqa: E402
 from w4a16_ops.backends import triton as tb  # noqa: E402
 
@@ -73,10 +74,7 @@ def group_for(K: int, G: int) -> int:
 
 
 def dense_calls(M, K, N, dtype):
-    w = torch.randn(K, N, dtype=dtype, device="cuda")
-    x = torch.randn(M, K, dtype=dtype, device="cuda")
-    ws = [w] + [w.clone() for _ in range(copies_needed(w.numel() * 2) - 1)]
-    return [lambda w=w: x @ w for w in ws]
+    return contenders.dense(M, K, N, None, dtype)  # the benchmark's fp16 baseline (G does not apply)
 
 
 def triton_calls(M, K, N, G, dtype, cfg):
@@ -86,10 +84,8 @@ def triton_calls(M, K, N, G, dtype, cfg):
     x = torch.randn(M, K, dtype=dtype, device="cuda")
     out = torch.empty(M, N, dtype=dtype, device="cuda")
     p = dispatch.problem_for(x.device, dtype, M, K, N, G, False)
-    n = copies_needed(packed.qweight.numel() * 4 + scales.numel() * 2)
-    ps = [packed] + [w4a16_ops.PackedW4A16(packed.qweight.clone(), scales.clone(), None) for _ in range(n - 1)]
     cfg = tb._legalize(cfg, p)
-    return [lambda pk=pk: tb.launch(x, pk.qweight, pk.scales, None, p, out, cfg) for pk in ps]
+    return [lambda pk=pk: tb.launch(x, pk.qweight, pk.scales, None, p, out, cfg) for pk in packed_copies(packed)]
 
 
 def cfg_name(cfg) -> str:
