@@ -54,13 +54,15 @@ def main() -> int:
     with open(os.path.join(a.out, "fuzz_failures.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(lines[0])
-    failing = sorted({int(m.group(1)) for f in s["failures"] if (m := re.match(r"case (\d+)", f))})
-    crashed = {int(m.group(1)) for f in s["failures"]
-               if (m := re.match(r"case (\d+)", f)) and ("died" in f or "CUDA context" in f)}
+    crashed = {}  # case index -> whether its process died (failure lines start with "case I")
+    for f in s["failures"]:
+        if m := re.match(r"case (\d+)", f):
+            i = int(m.group(1))
+            crashed[i] = crashed.get(i, False) or "died" in f or "CUDA context" in f
     have_sanitizer = shutil.which("compute-sanitizer") is not None
-    for i in failing[: a.replays]:
+    for i in sorted(crashed)[: a.replays]:
         print(replay(a.out, a.profile, i, sanitize=False))
-        if i in crashed and have_sanitizer:
+        if crashed[i] and have_sanitizer:
             print(replay(a.out, a.profile, i, sanitize=True))
     return 1 if s["failures"] else 0
 

@@ -35,9 +35,9 @@ def _fresh_seed(request):
 def pytest_runtest_logreport(report):
     # W4A16_TIMINGS=FILE: one line per test phase as it ends (outcome, seconds, id), so a run cut off by a time
     # limit still says which tests were slow or failed (pytest's own summary only prints at the end).
-    path = os.environ.get("W4A16_TIMINGS")
     if os.environ.get("PYTEST_XDIST_WORKER"):  # under pytest -n the controller gets every report: write there once
         return
+    path = os.environ.get("W4A16_TIMINGS")
     if path and (report.when == "call" or report.outcome != "passed" or report.duration > 1.0):
         with open(path, "a") as f:
             f.write(f"{report.outcome:8s} {report.when:8s} {report.duration:8.2f} {report.nodeid}\n")

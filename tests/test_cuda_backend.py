@@ -6,6 +6,9 @@ strategies (fused kernel below cuda.DEQUANT_MIN_M, dequantize + dense GEMM from 
 N % 64 != 0, K tails, every group size, zeros or not, both dtypes, strided x and leading dims.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -221,9 +224,6 @@ except RuntimeError as e:
 def test_binding_rejects_an_unaligned_x(cuda_ready):
     # The private op checks what the kernel assumes and raises; it must never crash the process. Run in a child
     # process: a crash here must fail this test, not take the test worker down.
-    import subprocess
-    import sys
-
     p = subprocess.run([sys.executable, "-c", _REJECT_CHILD], capture_output=True, text=True, timeout=120)
     # Seen failing on the project's H100 image: there ANY extension built with its g++ dies on a thrown c10::Error
     # (reproduced with a ten-line op; notes/cuda.md), so the backend validates everything before the binding.
