@@ -8,7 +8,7 @@ is written to flush it. The calls are captured in one CUDA graph so launch gaps 
 from __future__ import annotations
 
 import statistics
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -29,8 +29,17 @@ def packed_copies(packed) -> list:
     return [packed] + [type(packed)(*(t if t is None else t.clone() for t in packed)) for _ in range(n - 1)]
 
 
-def time_rotating(calls: Sequence[Callable[[], object]], reps: int = 20, warmup: int = 3, graph: bool = True) -> float:
-    """Median microseconds per call. calls[i] touches weight copy i; all of them run per repetition."""
+def time_rotating(
+    calls: Sequence[Callable[[], object]],
+    reps: int = 20,
+    warmup: int = 3,
+    graph: bool = True,
+    budget_s: Optional[float] = None,
+    min_reps: int = 5,
+) -> float:
+    """Median microseconds per call. calls[i] touches weight copy i; all of them run per repetition.
+    budget_s: stop repeating once the timed repetitions took this long (but not before min_reps), so
+    that slow points (large M) do not cost reps x seconds."""
     for _ in range(warmup):  # compile / autotune-free warm-up and allocator settling
         for c in calls:
             c()
@@ -63,6 +72,8 @@ def time_rotating(calls: Sequence[Callable[[], object]], reps: int = 20, warmup:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / len(calls))
+        if budget_s is not None and len(times) >= min_reps and sum(times) * len(calls) * 1e-6 >= budget_s:
+            break
     del run
     return statistics.median(times)
 
