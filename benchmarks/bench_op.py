@@ -251,6 +251,8 @@ def main(argv=None) -> None:
     budget = PRESET_BUDGET_S.get(preset) if args.budget_s is None else (args.budget_s or None)
     all_kernels = contenders(args.with_reference, args.zeros)
     names = args.kernels.split(",") if args.kernels else list(all_kernels)
+    if any(n not in all_kernels for n in names):
+        ap.error(f"--kernels: expected names from {', '.join(all_kernels)}")
     est = estimate_seconds(pts, names, args.reps, args.point_budget_s, args.int4_max_m)
     plan = (f"preset {preset}: {len(pts)} points x {len(names)} kernels, modelled {est:.0f} s on an H100"
             + (f", stops past {budget:.0f} s" if budget else ""))
