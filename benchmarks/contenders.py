@@ -126,9 +126,12 @@ def gemlite(zeros: bool = False):
     def setup(M, K, N, G, dtype) -> Union[Calls, str]:
         try:
             import gemlite as gl
-            from gemlite import DType, GemLiteLinear
         except ImportError as e:
             return f"not installed (pip install gemlite): {e}"
+        try:
+            from gemlite import DType, GemLiteLinear
+        except ImportError:  # releases before the top-level exports
+            from gemlite.core import DType, GemLiteLinear
         if G < 32 or K % 32 or K % G:
             return f"gemlite needs group_size >= 32 dividing K and K % 32 == 0 (K = {K}, G = {G})"
         gdt = {torch.float16: DType.FP16, torch.bfloat16: DType.BF16}.get(dtype)
