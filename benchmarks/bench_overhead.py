@@ -55,6 +55,20 @@ def main(argv=None):
     with torch.inference_mode():
         rows.append((f"w4a16.gemm -> {d.backend}, inference_mode", per_call_us(lambda: torch.ops.w4a16.gemm(x, *packed), sync=sync)))
     rows.append(("checks + dispatch only", per_call_us(lambda: (check_gemm_args(x, *packed), dispatch.route(x.device, x.dtype, 1, K, N, 128, False)))))
+    # Where the rest goes (host-only pieces run without the GPU; the binding call launches the kernel).
+    rows.append(("  check_gemm_args", per_call_us(lambda: check_gemm_args(x, *packed))))
+    rows.append(("  dispatch.route", per_call_us(lambda: dispatch.route(x.device, x.dtype, 1, K, N, 128, False))))
+    rows.append(("  out = x.new_empty((M, N))", per_call_us(lambda: x.new_empty((1, N)))))
+    if d.backend == "cuda":
+        from w4a16_ops.backends import cuda as cb
+
+        out = x.new_empty((1, N))
+        locks = cb._locks(x.device, 16)
+        rows.append(("  cuda: _locks", per_call_us(lambda: cb._locks(x.device, 16))))
+        rows.append(("  cuda: _aligned x3 + _x_ready", per_call_us(lambda: (cb._aligned(packed[0]), cb._aligned(packed[1]), cb._aligned(packed[2]), cb._x_ready(x)))))
+        rows.append(("  cuda: torch.ops.w4a16._cuda_gemm", per_call_us(lambda: torch.ops.w4a16._cuda_gemm(x, packed[0], packed[1], packed[2], out, locks), sync=sync)))
+        p = dispatch.problem_for(x.device, x.dtype, 1, K, N, 128, False)
+        rows.append(("  cuda: backend gemm()", per_call_us(lambda: cb.gemm(x, packed[0], packed[1], packed[2], p, out), sync=sync)))
     print(f"eager per-call time, M=1, K={K}, N={N}, {dev}{' (' + torch.cuda.get_device_name() + ')' if dev == 'cuda' else ''}:")
     for name, us in rows:
         print(f"  {name:45s} {us:8.2f} us")

@@ -9,7 +9,8 @@ measurement are captured in one CUDA graph; time per call = median replay time /
 128 does not divide K).
 
 Variants: auto = the op as shipped (fp16 x, symmetric); bps1 = one block per SM; fused / dequant
-force one strategy; bf16 = bf16 x; zeros = with zero points.
+force one strategy; bf16 = bf16 x; zeros = with zero points; tB.S.D = the fused kernel with the partition
+overrides bps B, max splits S, MB = 1 ring depth D (0 = default each; backends/cuda.py TUNING), e.g. t0.4.4.
 """
 
 from __future__ import annotations
@@ -36,14 +37,22 @@ def group_for(K):
     return 128 if K % 128 == 0 else 64 if K % 64 == 0 else K
 VARIANTS = {
     "auto": dict(),
-    "bps1": dict(bps=1, dmin=1 << 30),
-    "bps2": dict(bps=2, dmin=1 << 30),
-    "bps3": dict(bps=3, dmin=1 << 30),
+    "bps1": dict(tuning=(1, 0, 0), dmin=1 << 30),
+    "bps2": dict(tuning=(2, 0, 0), dmin=1 << 30),
+    "bps3": dict(tuning=(3, 0, 0), dmin=1 << 30),
     "fused": dict(dmin=1 << 30),
     "dequant": dict(dmin=0),
     "bf16": dict(dtype=torch.bfloat16),
     "zeros": dict(zeros=True),
 }
+
+
+def variant(name):
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if name.startswith("t") and name[1:].count(".") == 2:
+        return dict(tuning=tuple(int(v) for v in name[1:].split(".")), dmin=1 << 30)
+    raise SystemExit(f"unknown variant {name!r}: one of {', '.join(VARIANTS)} or tB.S.D")
 
 
 def time_calls(calls, reps):
@@ -131,19 +140,19 @@ def run_shape(K, N, ms, variants, reps, dev, bw):
         ncalls = max(24, n16)
         t16 = time_calls([lambda i=i: F.linear(x16, w16[i % n16]) for i in range(ncalls)], reps)
         for v in variants:
-            cfg = VARIANTS[v]
+            cfg = variant(v)
             dtype, zeros = cfg.get("dtype", torch.float16), cfg.get("zeros", False)
             if (dtype, zeros) not in packs:
                 packs[(dtype, zeros)] = quant_copies(K, N, dtype, zeros, nq)
             wq = packs[(dtype, zeros)]
             x = x16.to(dtype)
-            cb.FORCE_BPS = cfg.get("bps", 0)
+            cb.TUNING = cfg.get("tuning", (0, 0, 0))
             cb.DEQUANT_MIN_M = cfg.get("dmin", DEFAULT_DMIN)
             nc = max(24, nq)
             try:
                 t = time_calls([lambda i=i: w4a16_ops.gemm(x, *wq[i % nq]) for i in range(nc)], reps)
             finally:
-                cb.FORCE_BPS, cb.DEQUANT_MIN_M = 0, DEFAULT_DMIN
+                cb.TUNING, cb.DEQUANT_MIN_M = (0, 0, 0), DEFAULT_DMIN
             nbytes = K * N / 2 + 2 * N * K / G + (N * K / (2 * G) if zeros else 0) + 2 * M * K + 2 * M * N
             row = dict(device=dev, K=K, N=N, M=M, variant=v, fp16_us=round(t16, 2), us=round(t, 2),
                        ratio=round(t16 / t, 3), GBps=round(nbytes / t / 1e3), bw_frac=round(nbytes / t / 1e3 / bw, 3))

@@ -93,12 +93,17 @@ def test_unaligned_shapes(cuda_ready, M, K, N, G):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-@pytest.mark.parametrize("bps", [0, 1])
-@pytest.mark.parametrize("M", [1, 32, 48, 64])
-def test_every_kernel_instance(cuda_ready, monkeypatch, M, bps, dtype):
-    # M = 1 / 32 / 48 / 64 select 1..4 row blocks (all 8 instances); bps = 1 runs a coarser partition (fewer blocks).
-    monkeypatch.setattr(cuda_backend, "FORCE_BPS", bps)
+@pytest.mark.parametrize("tuning", [(0, 0, 0), (1, 0, 0), (0, 2, 0), (0, 1, 0), (0, 0, 3), (0, 0, 4), (2, 3, 4)],
+                         ids=lambda t: "bps%d-splits%d-stages%d" % t)
+@pytest.mark.parametrize("M", [1, 16, 32, 48, 64])
+def test_every_kernel_instance(cuda_ready, monkeypatch, M, tuning, dtype):
+    # M = 1 / 32 / 48 / 64 select 1..4 row blocks; stages 3 and 4 select the deeper MB = 1 instances (all 12 run);
+    # bps = 1 and splits = 1..3 run coarser partitions (fewer blocks, fewer or no split columns).
+    monkeypatch.setattr(cuda_backend, "TUNING", tuning)
     _check(M, 1024, 704, 64, M == 48, dtype)
+    plan = torch.ops.w4a16._cuda_gemm_plan(M, 1024, 704, 64, dtype == torch.bfloat16, *tuning)
+    if M <= 16 and tuning[2]:
+        assert plan[12] == tuning[2], f"the MB = 1 instance of depth {tuning[2]} was not selected: plan {plan}"
 
 
 @pytest.mark.gpu

@@ -1,20 +1,20 @@
 // torch binding of the CUDA W4A16 GEMM (csrc/kernels/gemm*.cu). Private ops, called by w4a16_ops/backends/cuda.py
 // from inside the public op's opaque body:
 //
-//   _cuda_gemm(x, qweight, scales, zeros, out, locks, bps=0) -> ()
+//   _cuda_gemm(x, qweight, scales, zeros, out, locks, bps=0, splits=0, stages=0) -> ()
 //       out[M, N] = x[M, K] @ dequantize(...). locks: int32 counters, all zero; the kernel leaves them zero (so the
 //       schema does not declare them mutated). The float workspace comes from PyTorch's caching allocator, on the
-//       current stream, and needs no initial contents. bps: 0 = as many blocks per SM as fit, else at most that
-//       many (a tuning knob).
+//       current stream, and needs no initial contents. bps, splits, stages: overrides of the partition (0 = the
+//       measured default; see GemmTuning in launchers.h), for timing sweeps and tests.
 //   _cuda_dequantize(qweight, scales, zeros, w) -> ()
 //       w[K, N] (x.dtype, contiguous) = dequantize(...), for the large-M path (dequantize once + dense GEMM).
-//   _cuda_gemm_plan(M, K, N, G, bf16=False, bps=0) -> int[]
+//   _cuda_gemm_plan(M, K, N, G, bf16=False, bps=0, splits=0, stages=0) -> int[]
 //       the partition the kernel would use on the current device (tests and tuning): mb, slabs, m_chunks, n_cols,
-//       k_iters, total, ipb, grid, ws_floats, locks, smem_bytes, blocks_per_sm.
+//       k_iters, total, ipb, grid, ws_floats, locks, smem_bytes, blocks_per_sm, stages, max_splits.
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -58,15 +58,36 @@ void check_weights(const char* op, const at::Tensor& qweight, const at::Tensor& 
   TORCH_CHECK(device.is_cuda(), op, ": tensors must be on a CUDA device, got ", device);
 }
 
-const cudaDeviceProp* device_props(const char* op) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(prop->major >= 8, op, ": needs compute capability >= 8.0 (mma.sync bf16, cp.async), this GPU is sm_",
-              prop->major, prop->minor);
-  return prop;
+w4a16::GemmTuning tuning(int64_t bps, int64_t splits, int64_t stages) {
+  w4a16::GemmTuning t;
+  t.bps = int(bps);
+  t.max_splits = int(splits);
+  t.stages = int(stages);
+  return t;
+}
+
+// The current device's multiprocessor count, after checking its compute capability (both cached per device: this is
+// on every call's host path).
+int device_sms(const char* op) {
+  static int cached[64][3] = {};  // major, minor, SMs; 0 = not queried yet (a benign race queries twice)
+  int dev = 0;
+  TORCH_CHECK(cudaGetDevice(&dev) == cudaSuccess, op, ": cudaGetDevice failed");
+  int local[3] = {0, 0, 0};
+  int* c = dev < 64 ? cached[dev] : local;
+  if (c[2] == 0) {
+    TORCH_CHECK(cudaDeviceGetAttribute(&c[0], cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&c[1], cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&c[2], cudaDevAttrMultiProcessorCount, dev) == cudaSuccess,
+                op, ": cudaDeviceGetAttribute failed");
+  }
+  TORCH_CHECK(c[0] >= 8, op, ": needs compute capability >= 8.0 (mma.sync bf16, cp.async), this GPU is sm_", c[0],
+              c[1]);
+  return c[2];
 }
 
 void cuda_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-               const std::optional<at::Tensor>& zeros, at::Tensor& out, const at::Tensor& locks, int64_t bps) {
+               const std::optional<at::Tensor>& zeros, at::Tensor& out, const at::Tensor& locks, int64_t bps,
+               int64_t splits, int64_t stages) {
   constexpr const char* op = "w4a16._cuda_gemm";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.sizes());
   const int64_t M = x.size(0), K = x.size(1);
@@ -84,10 +105,11 @@ void cuda_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   TORCH_CHECK(M < (1LL << 31) && K < (1LL << 31) && N < (1LL << 31), op, ": dimensions must fit in int32");
   if (M == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaDeviceProp* prop = device_props(op);
+  const int sms = device_sms(op);
   w4a16::GemmPlan plan{};
   const cudaError_t perr = w4a16::plan_gemm(int(M), int(K), int(N), int(K / scales.size(0)),
-                                            x.scalar_type() == at::kBFloat16, prop->multiProcessorCount, int(bps), &plan);
+                                            x.scalar_type() == at::kBFloat16, sms,
+                                            tuning(bps, splits, stages), &plan);
   TORCH_CHECK(perr == cudaSuccess, op, ": kernel setup failed: ", cudaGetErrorString(perr));
   TORCH_CHECK(locks.device() == x.device() && locks.scalar_type() == at::kInt && locks.is_contiguous() &&
                   locks.numel() >= plan.locks,
@@ -109,7 +131,7 @@ void cuda_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   a.G = int(K / scales.size(0));
   a.bf16 = x.scalar_type() == at::kBFloat16;
   const cudaError_t err = w4a16::launch_gemm(a, plan, plan.ws_floats > 0 ? ws.data_ptr<float>() : nullptr,
-                                             locks.data_ptr<int32_t>(), at::cuda::getCurrentCUDAStream());
+                                             locks.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(err));
 }
 
@@ -122,31 +144,34 @@ void cuda_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const 
   check_weights(op, qweight, scales, zeros, K, w.device(), false);
   TORCH_CHECK(w.size(1) == scales.size(1), op, ": w must have N = ", scales.size(1), " columns, got ", w.size(1));
   const c10::cuda::CUDAGuard guard(w.device());
-  device_props(op);
+  device_sms(op);
   const cudaError_t err = w4a16::launch_dequantize(
       qweight.data_ptr<int32_t>(), scales.data_ptr(), zeros.has_value() ? zeros->data_ptr<int32_t>() : nullptr,
       w.data_ptr(), int(K), int(w.size(1)), int(K / scales.size(0)), w.scalar_type() == at::kBFloat16,
-      at::cuda::getCurrentCUDAStream());
+      c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(err));
 }
 
-std::vector<int64_t> cuda_gemm_plan(int64_t M, int64_t K, int64_t N, int64_t G, bool bf16, int64_t bps) {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+std::vector<int64_t> cuda_gemm_plan(int64_t M, int64_t K, int64_t N, int64_t G, bool bf16, int64_t bps, int64_t splits,
+                                    int64_t stages) {
+  const int sms = device_sms("w4a16._cuda_gemm_plan");
   w4a16::GemmPlan p{};
-  const cudaError_t err = w4a16::plan_gemm(int(M), int(K), int(N), int(G), bf16, prop->multiProcessorCount, int(bps), &p);
+  const cudaError_t err = w4a16::plan_gemm(int(M), int(K), int(N), int(G), bf16, sms,
+                                            tuning(bps, splits, stages), &p);
   TORCH_CHECK(err == cudaSuccess, "w4a16._cuda_gemm_plan: ", cudaGetErrorString(err));
   return {p.mb,  p.slabs, p.m_chunks,  p.n_cols, p.k_iters,    p.total,
-          p.ipb, p.grid,  p.ws_floats, p.locks,  p.smem_bytes, p.blocks_per_sm};
+          p.ipb, p.grid,  p.ws_floats, p.locks,  p.smem_bytes, p.blocks_per_sm, p.stages, p.max_splits};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(w4a16, m) {
   m.def(
-      "_cuda_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor(a!) out, Tensor locks, int bps=0) "
-      "-> ()");
+      "_cuda_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor(a!) out, Tensor locks, int bps=0, "
+      "int splits=0, int stages=0) -> ()");
   m.def("_cuda_dequantize(Tensor qweight, Tensor scales, Tensor? zeros, Tensor(a!) w) -> ()");
-  m.def("_cuda_gemm_plan(int M, int K, int N, int G, bool bf16=False, int bps=0) -> int[]", &cuda_gemm_plan);
+  m.def("_cuda_gemm_plan(int M, int K, int N, int G, bool bf16=False, int bps=0, int splits=0, int stages=0) -> int[]",
+        &cuda_gemm_plan);
 }
 
 TORCH_LIBRARY_IMPL(w4a16, CUDA, m) {

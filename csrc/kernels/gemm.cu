@@ -9,8 +9,8 @@
 
 namespace w4a16 {
 namespace gemm {
-extern template cudaError_t launch_gemm_t<__half>(const KParams&, int, int, cudaStream_t, int*);
-extern template cudaError_t launch_gemm_t<__nv_bfloat16>(const KParams&, int, int, cudaStream_t, int*);
+extern template cudaError_t launch_gemm_t<__half>(const KParams&, int, int, int, cudaStream_t, int*);
+extern template cudaError_t launch_gemm_t<__nv_bfloat16>(const KParams&, int, int, int, cudaStream_t, int*);
 }  // namespace gemm
 
 namespace {
@@ -25,17 +25,18 @@ int log2_exact(int v) {
 
 }  // namespace
 
-cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int force_bps, GemmPlan* plan) {
+cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, const GemmTuning& tuning, GemmPlan* plan) {
   GemmPlan pl{};
   const int m16 = cdiv(M, 16);
   pl.m_chunks = cdiv(m16, 4);
   pl.mb = cdiv(m16, pl.m_chunks);  // balanced chunks: M = 65 runs as 48 + 17 rows, not 64 + 1
+  pl.stages = gemm::stages_for(pl.mb, tuning.stages);
   int occupancy = 0;
   gemm::KParams none{};
-  const cudaError_t err = bf16 ? gemm::launch_gemm_t<__nv_bfloat16>(none, pl.mb, 0, nullptr, &occupancy)
-                               : gemm::launch_gemm_t<__half>(none, pl.mb, 0, nullptr, &occupancy);
+  const cudaError_t err = bf16 ? gemm::launch_gemm_t<__nv_bfloat16>(none, pl.mb, pl.stages, 0, nullptr, &occupancy)
+                               : gemm::launch_gemm_t<__half>(none, pl.mb, pl.stages, 0, nullptr, &occupancy);
   if (err != cudaSuccess) return err;
-  pl.blocks_per_sm = force_bps > 0 && force_bps < occupancy ? force_bps : occupancy;
+  pl.blocks_per_sm = tuning.bps > 0 && tuning.bps < occupancy ? tuning.bps : occupancy;
   pl.slabs = gemm::slabs_of(pl.mb);
   pl.k_iters = cdiv(cdiv(K, 16), pl.slabs);
   pl.n_cols = cdiv(cdiv(N, 64), gemm::kWarps);
@@ -46,16 +47,18 @@ cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int fo
   const int rows = M < 16 * pl.mb ? M : 16 * pl.mb;
   int max_splits = 2 * pl.k_iters * pl.slabs / rows;
   max_splits = max_splits < 4 ? 4 : max_splits > 16 ? 16 : max_splits;
+  if (tuning.max_splits > 0) max_splits = tuning.max_splits;
+  pl.max_splits = max_splits;
   const int ipb_fill = cdiv(total, (long long)(num_sms > 0 ? num_sms : 1) * pl.blocks_per_sm);
   const int ipb_min = cdiv(pl.k_iters, max_splits);
   pl.ipb = ipb_fill > ipb_min ? ipb_fill : ipb_min;
   pl.grid = cdiv(total, pl.ipb);
   if (total + pl.ipb >= (1LL << 31)) return cudaErrorInvalidValue;  // the kernel indexes iterations in int
-  pl.rows_alloc = M < 16 * pl.mb ? M : 16 * pl.mb;
+  pl.rows_alloc = rows;
   // Stripes that start and end on column boundaries split no column: no cross-block reduction at all.
   pl.ws_floats = (pl.ipb % pl.k_iters) ? (int64_t)pl.grid * 2 * pl.rows_alloc * gemm::kTileN : 0;
   pl.locks = (int64_t)pl.m_chunks * pl.n_cols;
-  pl.smem_bytes = gemm::smem_bytes_of(pl.mb);
+  pl.smem_bytes = gemm::smem_bytes_of(pl.mb, pl.stages);
   (void)G;
   *plan = pl;
   return cudaSuccess;
@@ -87,8 +90,8 @@ cudaError_t launch_gemm(const GemmArgs& a, const GemmPlan& pl, float* ws, int* l
   kp.rows_alloc = pl.rows_alloc;
   kp.evict_first = pl.m_chunks == 1;
   if (a.M <= 0 || pl.total <= 0) return cudaSuccess;
-  if (a.bf16) return gemm::launch_gemm_t<__nv_bfloat16>(kp, pl.mb, pl.grid, stream, nullptr);
-  return gemm::launch_gemm_t<__half>(kp, pl.mb, pl.grid, stream, nullptr);
+  if (a.bf16) return gemm::launch_gemm_t<__nv_bfloat16>(kp, pl.mb, pl.stages, pl.grid, stream, nullptr);
+  return gemm::launch_gemm_t<__half>(kp, pl.mb, pl.stages, pl.grid, stream, nullptr);
 }
 
 // ---------------------------------------------------------------- dequantize

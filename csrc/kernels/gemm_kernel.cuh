@@ -204,12 +204,14 @@ constexpr int kWarps = 4;                 // warps per block, side by side along
 constexpr int kThreads = 32 * kWarps;
 constexpr int kTileN = 64 * kWarps;       // columns per block tile (one 64-column format tile per warp)
 
-// MB: 16-row mma blocks per M chunk (1..4). Everything else follows from it.
+// MB: 16-row mma blocks per M chunk (1..4). STAGES: cp.async ring depth. Everything else follows from them.
 template <int MB>
+constexpr int default_stages() { return MB == 1 ? 2 : MB == 2 ? 3 : 4; }
+
+template <int MB, int STAGES_ = default_stages<MB>()>
 struct Cfg {
   static constexpr int SLABS = MB <= 2 ? 8 : 4;        // 16-row slabs per stage (every warp does all of them)
-  static constexpr int STAGES = MB == 1 ? 2 : MB == 2 ? 3 : 4;  // cp.async ring depth
-  static constexpr int MIN_BLOCKS = MB == 1 ? 4 : 2;            // blocks per SM the registers are budgeted for
+  static constexpr int STAGES = STAGES_;
   static constexpr int TK = 16 * SLABS;                // K rows per stage
   static constexpr int MT = 16 * MB;                   // rows per M chunk
   static constexpr int CH = TK / 8;                    // 16-byte chunks per x row per stage (8 or 16)
@@ -220,16 +222,22 @@ struct Cfg {
   static constexpr int Z_INT4 = SR * kTileN / 8 / 4;   // SR rows of kTileN / 8 zero words
   static constexpr int STAGE_INT4 = B_INT4 + A_INT4 + S_INT4 + Z_INT4;
   static constexpr int SMEM_BYTES = STAGES * STAGE_INT4 * 16;
+  // Blocks per SM the registers are budgeted for: the measured setting for the default depth (4 at MB = 1, else 2),
+  // else as many as the shared memory holds (227 KB usable), at most 4.
+  static constexpr int FIT = (227 * 1024) / SMEM_BYTES;
+  static constexpr int MIN_BLOCKS =
+      STAGES_ == default_stages<MB>() ? (MB == 1 ? 4 : 2) : FIT > 4 ? 4 : FIT < 1 ? 1 : FIT;
   static_assert(CH >= 8, "the x swizzle needs at least 8 chunks per row");
   static_assert(SR * kTileN / 8 <= kThreads, "one scale chunk and one zero word per thread");
+  static_assert(STAGES >= 2, "the ring needs a slot to fill while one is consumed");
 };
 
 // ---------------------------------------------------------------- the kernel
 
-template <typename T, int MB>
-__global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(const KParams p) {
+template <typename T, int MB, int STAGES_>
+__global__ void __launch_bounds__(kThreads, (Cfg<MB, STAGES_>::MIN_BLOCKS)) gemm_kernel(const KParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using C = Cfg<MB>;
+  using C = Cfg<MB, STAGES_>;
   using O = Ops<T>;
   constexpr int STAGES = C::STAGES, SLABS = C::SLABS;
   extern __shared__ int4 smem[];
@@ -413,29 +421,53 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
       }
       __syncthreads();
       if (!last_flag) return;
-      // The whole block adds the slots, 4 consecutive columns per thread, in contributor order (the sum does not
-      // depend on timing); the loads of all slots are independent, so they are in flight together.
-      for (int e4 = tid; e4 < rows * (kTileN / 4); e4 += kThreads) {
-        const int r = e4 / (kTileN / 4), c = 4 * (e4 % (kTileN / 4));
-        const int n = nc * kTileN + c;
-        if (n >= p.N) continue;  // N % 8 == 0: the 4 columns are all in or all out
-        float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-        for (int blk = first; blk <= last; ++blk) {
-          // A contributor after the first starts inside this column (its first column: slot 0); the first one uses
-          // slot 1 when it started in an earlier column (this is its last column).
-          const int e = (blk == first && first * p.ipb < col * p.k_iters) ? 1 : 0;
-          const float4 v = __ldcg(reinterpret_cast<const float4*>(p.ws + ((size_t)blk * 2 + e) * slot_floats +
-                                                                  (size_t)r * kTileN + c));
-          sum.x += v.x;
-          sum.y += v.y;
-          sum.z += v.z;
-          sum.w += v.w;
+      // The whole block adds the slots, 4 consecutive columns per item, in contributor order (the sum does not
+      // depend on timing). Two items per thread and 8 contributors per round: 16 independent 16-byte loads in
+      // flight per thread, so the finalize costs a few L2 round trips even at 16 rows x 16 contributors.
+      const size_t slot_of_first = (first * p.ipb < col * p.k_iters) ? 1 : 0;  // see below
+      const int n_items = rows * (kTileN / 4);
+      for (int e0 = tid; e0 < n_items; e0 += 2 * kThreads) {
+        float4 sum[2];
+        size_t off[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          sum[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+          const int e4 = min(e0 + u * kThreads, n_items - 1);  // a clamped duplicate is loaded, never stored
+          off[u] = (size_t)(e4 / (kTileN / 4)) * kTileN + 4 * (e4 % (kTileN / 4));
         }
-        uint2 packed;
-        packed.x = O::pack(sum.x, sum.y);
-        packed.y = O::pack(sum.z, sum.w);
-        *reinterpret_cast<uint2*>(out + (size_t)(m0 + r) * p.ldo + n) = packed;
+        for (int b0 = first; b0 <= last; b0 += 8) {
+          float4 v[8][2];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            // A contributor after the first starts inside this column (its first column: slot 0); the first one
+            // uses slot 1 when it started in an earlier column (this is its last column).
+            const int blk = min(b0 + j, last);
+            const size_t e = blk == first ? slot_of_first : 0;
+            const float* base = p.ws + ((size_t)blk * 2 + e) * slot_floats;
+#pragma unroll
+            for (int u = 0; u < 2; ++u) v[j][u] = __ldcg(reinterpret_cast<const float4*>(base + off[u]));
+          }
+#pragma unroll
+          for (int j = 0; j < 8; ++j)
+            if (b0 + j <= last)
+#pragma unroll
+              for (int u = 0; u < 2; ++u) {
+                sum[u].x += v[j][u].x;
+                sum[u].y += v[j][u].y;
+                sum[u].z += v[j][u].z;
+                sum[u].w += v[j][u].w;
+              }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int e4 = e0 + u * kThreads;
+          const int r = e4 / (kTileN / 4), n = nc * kTileN + 4 * (e4 % (kTileN / 4));
+          if (e4 >= n_items || n >= p.N) continue;  // N % 8 == 0: the 4 columns are all in or all out
+          uint2 packed;
+          packed.x = O::pack(sum[u].x, sum[u].y);
+          packed.y = O::pack(sum[u].z, sum[u].w);
+          *reinterpret_cast<uint2*>(out + (size_t)(m0 + r) * p.ldo + n) = packed;
+        }
       }
       return;
     }
@@ -495,22 +527,32 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
 
 // ---------------------------------------------------------------- host side
 
-inline int smem_bytes_of(int mb) {
-  switch (mb) {
-    case 1: return Cfg<1>::SMEM_BYTES;
-    case 2: return Cfg<2>::SMEM_BYTES;
-    case 3: return Cfg<3>::SMEM_BYTES;
-    case 4: return Cfg<4>::SMEM_BYTES;
-  }
-  return -1;
+// The instances: (MB, STAGES) for MB = 2..4 at their default depth; MB = 1 (decode) also at depths 3 and 4, which
+// keep more of a short stripe's loads in flight from the start at fewer blocks per SM. Any other request runs the
+// default depth of its MB.
+inline int stages_for(int mb, int stages) {
+  if (mb == 1 && (stages == 2 || stages == 3 || stages == 4)) return stages;
+  return mb == 1 ? default_stages<1>() : mb == 2 ? default_stages<2>() : mb == 3 ? default_stages<3>() : default_stages<4>();
 }
 
 inline int slabs_of(int mb) { return mb <= 2 ? Cfg<1>::SLABS : Cfg<4>::SLABS; }
 
+inline int smem_bytes_of(int mb, int stages) {
+  switch (mb * 8 + stages_for(mb, stages)) {
+    case 1 * 8 + 2: return Cfg<1, 2>::SMEM_BYTES;
+    case 1 * 8 + 3: return Cfg<1, 3>::SMEM_BYTES;
+    case 1 * 8 + 4: return Cfg<1, 4>::SMEM_BYTES;
+    case 2 * 8 + 3: return Cfg<2, 3>::SMEM_BYTES;
+    case 3 * 8 + 4: return Cfg<3, 4>::SMEM_BYTES;
+    case 4 * 8 + 4: return Cfg<4, 4>::SMEM_BYTES;
+  }
+  return -1;
+}
+
 // Sets the instance's shared-memory limit once per device; returns how many blocks of it fit on one SM.
-template <typename T, int MB>
+template <typename T, int MB, int STAGES>
 cudaError_t prepare_cfg(int* blocks_per_sm) {
-  constexpr int smem = Cfg<MB>::SMEM_BYTES;
+  constexpr int smem = Cfg<MB, STAGES>::SMEM_BYTES;
   static int occupancy[64] = {};  // per device, 0 = not prepared yet; a benign race sets it twice
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -519,10 +561,10 @@ cudaError_t prepare_cfg(int* blocks_per_sm) {
     *blocks_per_sm = occupancy[dev];
     return cudaSuccess;
   }
-  err = cudaFuncSetAttribute(gemm_kernel<T, MB>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  err = cudaFuncSetAttribute(gemm_kernel<T, MB, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   int n = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_kernel<T, MB>, kThreads, smem);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_kernel<T, MB, STAGES>, kThreads, smem);
   if (err != cudaSuccess) return err;
   if (n < 1) return cudaErrorInvalidConfiguration;
   if (dev < 64) occupancy[dev] = n;
@@ -530,28 +572,30 @@ cudaError_t prepare_cfg(int* blocks_per_sm) {
   return cudaSuccess;
 }
 
-template <typename T, int MB>
+template <typename T, int MB, int STAGES>
 cudaError_t launch_cfg(const KParams& kp, int grid, cudaStream_t stream, int* blocks_per_sm) {
   int n = 0;
-  cudaError_t err = prepare_cfg<T, MB>(&n);
+  cudaError_t err = prepare_cfg<T, MB, STAGES>(&n);
   if (err != cudaSuccess) return err;
   if (blocks_per_sm != nullptr) {  // query only
     *blocks_per_sm = n;
     return cudaSuccess;
   }
-  gemm_kernel<T, MB><<<grid, kThreads, Cfg<MB>::SMEM_BYTES, stream>>>(kp);
+  gemm_kernel<T, MB, STAGES><<<grid, kThreads, Cfg<MB, STAGES>::SMEM_BYTES, stream>>>(kp);
   return cudaGetLastError();
 }
 
 // The instances of one dtype (defined in gemm_f16.cu / gemm_bf16.cu). With blocks_per_sm set, only reports how many
-// blocks of the mb instance fit on one SM and launches nothing.
+// blocks of the (mb, stages) instance fit on one SM and launches nothing.
 template <typename T>
-cudaError_t launch_gemm_t(const KParams& kp, int mb, int grid, cudaStream_t stream, int* blocks_per_sm) {
-  switch (mb) {
-    case 1: return launch_cfg<T, 1>(kp, grid, stream, blocks_per_sm);
-    case 2: return launch_cfg<T, 2>(kp, grid, stream, blocks_per_sm);
-    case 3: return launch_cfg<T, 3>(kp, grid, stream, blocks_per_sm);
-    case 4: return launch_cfg<T, 4>(kp, grid, stream, blocks_per_sm);
+cudaError_t launch_gemm_t(const KParams& kp, int mb, int stages, int grid, cudaStream_t stream, int* blocks_per_sm) {
+  switch (mb * 8 + stages_for(mb, stages)) {
+    case 1 * 8 + 2: return launch_cfg<T, 1, 2>(kp, grid, stream, blocks_per_sm);
+    case 1 * 8 + 3: return launch_cfg<T, 1, 3>(kp, grid, stream, blocks_per_sm);
+    case 1 * 8 + 4: return launch_cfg<T, 1, 4>(kp, grid, stream, blocks_per_sm);
+    case 2 * 8 + 3: return launch_cfg<T, 2, 3>(kp, grid, stream, blocks_per_sm);
+    case 3 * 8 + 4: return launch_cfg<T, 3, 4>(kp, grid, stream, blocks_per_sm);
+    case 4 * 8 + 4: return launch_cfg<T, 4, 4>(kp, grid, stream, blocks_per_sm);
   }
   return cudaErrorInvalidValue;
 }

@@ -33,17 +33,27 @@ struct GemmArgs {
 struct GemmPlan {
   int mb;             // 16-row mma blocks per M chunk (1..4)
   int slabs;          // 16-row slabs per pipeline stage (a block owns 256 columns, 4 warps of 64)
+  int stages;         // cp.async ring depth of the instance
   int blocks_per_sm;  // resident blocks per SM the grid is sized for
   int m_chunks, n_cols, k_iters, total, ipb, grid;
+  int max_splits;     // most blocks one column is split between (the stripe length keeps to it)
   int rows_alloc;     // rows of one reduction slot: min(M, 16 * mb)
   int64_t ws_floats;  // float workspace the launch needs (0: no column is split between blocks)
   int64_t locks;      // int32 counters the launch needs, all zero before and after it
   int smem_bytes;
 };
 
-// The partition of one call on the current device. num_sms: its multiprocessors. force_bps: 0 = as many blocks per
-// SM as fit, else at most that many. Sets the kernel's shared-memory attribute (once per device), launches nothing.
-cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int force_bps, GemmPlan* plan);
+// Overrides of the partition's measured defaults (0 = default), for timing sweeps and tests. bps: at most this many
+// blocks per SM; max_splits: at most this many blocks per column; stages: ring depth of the MB = 1 instance (2..4).
+struct GemmTuning {
+  int bps = 0;
+  int max_splits = 0;
+  int stages = 0;
+};
+
+// The partition of one call on the current device. num_sms: its multiprocessors. Sets the kernel's shared-memory
+// attribute (once per device), launches nothing.
+cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, const GemmTuning& tuning, GemmPlan* plan);
 
 // ws: ws_floats floats (any contents); locks: plan.locks zeros (left zero). Asynchronous on stream.
 cudaError_t launch_gemm(const GemmArgs& args, const GemmPlan& plan, float* ws, int* locks, cudaStream_t stream);

@@ -31,8 +31,9 @@ NAME = "cuda"
 # From this M on, dequantize + dense GEMM beats the fused mma.sync kernel (measured on an H100: at M = 256 on every
 # measured layer, at M = 128 not on the large ones; notes/cuda.md).
 DEQUANT_MIN_M = 256
-# Tuning knob (scripts/cuda_timing.py): 0 = as many blocks per SM as fit, else at most that many.
-FORCE_BPS = 0
+# Overrides of the fused kernel's partition for timing sweeps and tests (0 = the measured default; GemmTuning in
+# csrc/kernels/launchers.h): blocks per SM, most blocks per column, ring depth of the MB = 1 instance.
+TUNING = (0, 0, 0)
 
 _GROUPS = (32, 64, 128, 256)
 
@@ -69,7 +70,7 @@ _locks_arena: dict = {}  # device index -> [zeroed int32 tensor, next free offse
 
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
-    if torch.cuda.is_current_stream_capturing():
+    if torch._C._cuda_isCurrentStreamCapturing():  # the torch.cuda wrappers cost microseconds per call
         arena = _locks_arena.get(device.index)
         if arena is not None and arena[1] + n <= arena[0].numel():
             start = arena[1]
@@ -79,7 +80,7 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
         return torch.zeros(n, dtype=torch.int32, device=device)
     if device.index not in _locks_arena:
         _locks_arena[device.index] = [torch.zeros(_ARENA_INTS, dtype=torch.int32, device=device), 0]
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
     buf = _locks_cache.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, _LOCKS_PER_BUFFER), dtype=torch.int32, device=device)
@@ -113,7 +114,7 @@ def gemm(x2d, qweight, scales, zeros, p, out):
     xk = _x_ready(x2d)
     # m_chunks * n_cols counters: ceil(M / 64) chunks of M, ceil(N / 256) block columns.
     locks = _locks(x2d.device, -(-p.M // 64) * -(-p.N // 256))
-    torch.ops.w4a16._cuda_gemm(xk, qweight, scales, zeros, out, locks, FORCE_BPS)
+    torch.ops.w4a16._cuda_gemm(xk, qweight, scales, zeros, out, locks, *TUNING)
 
 
 def _mm_fp32_accumulate(x2d, w, out):
