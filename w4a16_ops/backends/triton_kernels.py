@@ -32,8 +32,10 @@ column n = 64 tile + 16 j + 8 blk + c.
 Dequantization without int->float conversion: a nibble masked in place and or-ed with the exponent of
 a power of two v whose mantissa unit is the nibble's lowest bit reads as v + q, exactly; a packed subtract
 of v + 8 leaves the exact q - 8 (see _deq_pair: lop3 + sub per two weights on the GPU, plus one shift per
-word for half of the nibbles). Zero points: one more packed subtract of z - 8 per two weights gives q - z
-exactly in the weights (not a rank-1 correction after the dot, which turns an Inf in x into NaN). Scales
+word for half of the nibbles). Zero points: a rank-1 correction -(z - 8) * colsum(x) after the dots while
+every column sum of the tile's x is finite (the weights stay in registers: triton 3.6 sends a chain with a
+per-row subtract through shared memory, 1.4-2.6x slower on an H100); a tile whose x sums are Inf or NaN takes
+q - z exactly in the weights instead (the correction would turn an Inf into Inf - Inf = NaN). Scales
 multiply the fp32 partial sums of each group (a K tile with several groups runs its dots once per group
 against x with the other groups' rows masked at the load) or the accumulator once at the end for
 channelwise G = K. The interpreter (CPU tests) runs the
@@ -266,6 +268,7 @@ def nibble_gemm_kernel(
 
     acc0 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([R, BLOCK_M], dtype=tl.float32)
+    ones = tl.full([R, 2 * Q], 1.0, DTYPE)
     if G == 0:
         # Channelwise: one group, its parameters loaded once for the whole K loop.
         s_cw, z_cw = _group_raw(s_ptr, z_ptr, 0, pid_n, N, N, HAS_ZEROS, BLOCK_N)
@@ -312,14 +315,25 @@ def nibble_gemm_kernel(
                 s_row, z_row = _group_raw(s_ptr, z_ptr, g, pid_n, N, n_lim, HAS_ZEROS, BLOCK_N)
                 s0, s1, dz0, dz1 = _group_params(s_row, z_row, HAS_ZEROS, BLOCK_N)
             if HAS_ZEROS:
-                # q - z = (q - 8) - (z - 8), exact in DTYPE, in the weights themselves: a rank-1 correction
-                # -(z - 8) * colsum(x) after the dot would turn an Inf in x into Inf - Inf = NaN.
-                e0 = dz0.to(DTYPE)[:, None]
-                e1 = dz1.to(DTYPE)[:, None]
-                p0 = tl.dot(a00 - e0, x0)
-                p0 = tl.dot(a01 - e0, x1, p0)
-                p1 = tl.dot(a10 - e1, x0)
-                p1 = tl.dot(a11 - e1, x1, p1)
+                # Rank-1 correction -(z - 8) * colsum(x) while every column sum of x is finite (weights stay in
+                # registers); the exact q - z weights only in a tile where an Inf would give Inf - Inf = NaN.
+                xs = tl.dot(ones, x0)
+                xs = tl.dot(ones, x1, xs)
+                finite = tl.max(tl.where(xs == xs, tl.abs(xs), float("inf"))) < float("inf")
+                if finite:
+                    p0 = tl.dot(a00, x0)
+                    p0 = tl.dot(a01, x1, p0)
+                    p1 = tl.dot(a10, x0)
+                    p1 = tl.dot(a11, x1, p1)
+                    p0 = p0 - dz0[:, None] * xs
+                    p1 = p1 - dz1[:, None] * xs
+                else:
+                    e0 = dz0.to(DTYPE)[:, None]
+                    e1 = dz1.to(DTYPE)[:, None]
+                    p0 = tl.dot(a00 - e0, x0)
+                    p0 = tl.dot(a01 - e0, x1, p0)
+                    p1 = tl.dot(a10 - e1, x0)
+                    p1 = tl.dot(a11 - e1, x1, p1)
             else:
                 p0 = tl.dot(a00, x0)
                 p0 = tl.dot(a01, x1, p0)
