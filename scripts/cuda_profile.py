@@ -1,7 +1,7 @@
 """One W4A16 shape run a few times through the CUDA backend, for ncu (GPU only):
 
-    ncu --kernel-name regex:gemm_kernel --launch-skip 2 --launch-count 1 python scripts/cuda_profile.py K N M [bps [splits [stages]]]
-    python scripts/cuda_profile.py --ncu OUTFILE "K N M [bps [splits [stages]]]" ...   # runs ncu on each case, then dumps SASS
+    ncu --kernel-name regex:gemm_kernel --launch-skip 2 --launch-count 1 python scripts/cuda_profile.py K N M [bps [splits [scaling]]]
+    python scripts/cuda_profile.py --ncu OUTFILE "K N M [bps [splits [scaling]]]" ...   # runs ncu on each case, then dumps SASS
 
 Weights are random packed words (timing only); prints the kernel's partition.
 """
@@ -62,7 +62,7 @@ def main():
         return
     K, N, M = (int(v) for v in sys.argv[1:4])
     assert cb.availability() is None, cb.availability()  # also loads the extension
-    cb.TUNING = tuple(int(v) for v in sys.argv[4:7]) + (0,) * (3 - len(sys.argv[4:7]))  # bps, splits, stages
+    cb.TUNING = tuple(int(v) for v in sys.argv[4:7]) + (0,) * (3 - len(sys.argv[4:7]))  # bps, splits, scaling
     G = 128
     qw = torch.randint(-(2**31), 2**31 - 1, (-(-K // 16), -(-N // 64) * 128), dtype=torch.int32, device="cuda")
     s = ((torch.rand(K // G, N, device="cuda") + 0.5) / math.sqrt(K) / 4).half()
@@ -73,7 +73,7 @@ def main():
         cb.gemm(x, qw, s, None, p, out)
     torch.cuda.synchronize()
     plan = torch.ops.w4a16._cuda_gemm_plan(M, K, N, G, False, *cb.TUNING)
-    names = "mb slabs m_chunks n_cols k_iters total ipb grid ws_floats locks smem_bytes blocks_per_sm stages max_splits"
+    names = "mb slabs m_chunks n_cols k_iters total ipb grid ws_floats locks smem_bytes blocks_per_sm f32s max_splits"
     names = names.split()
     print(f"K={K} N={N} M={M}: " + ", ".join(f"{n}={v}" for n, v in zip(names, plan)))
 

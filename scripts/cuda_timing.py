@@ -10,7 +10,8 @@ measurement are captured in one CUDA graph; time per call = median replay time /
 
 Variants: auto = the op as shipped (fp16 x, symmetric); bps1 = one block per SM; fused / dequant
 force one strategy; bf16 = bf16 x; zeros = with zero points; tB.S.D = the fused kernel with the partition
-overrides bps B, max splits S, MB = 1 ring depth D (0 = default each; backends/cuda.py TUNING), e.g. t0.4.4.
+overrides bps B, max splits S, scaling D (1: 16-bit weights, 2: fp32 partial sums; 0 = default each; backends/cuda.py
+TUNING), e.g. t0.8.2.
 """
 
 from __future__ import annotations

@@ -93,17 +93,30 @@ def test_unaligned_shapes(cuda_ready, M, K, N, G):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
-@pytest.mark.parametrize("tuning", [(0, 0, 0), (1, 0, 0), (0, 2, 0), (0, 1, 0), (0, 0, 3), (0, 0, 4), (2, 3, 4)],
-                         ids=lambda t: "bps%d-splits%d-stages%d" % t)
+@pytest.mark.parametrize("tuning", [(0, 0, 1), (0, 0, 2), (1, 0, 0), (0, 2, 0), (0, 1, 0), (2, 3, 2)],
+                         ids=lambda t: "bps%d-splits%d-scaling%d" % t)
 @pytest.mark.parametrize("M", [1, 16, 32, 48, 64])
 def test_every_kernel_instance(cuda_ready, monkeypatch, M, tuning, dtype):
-    # M = 1 / 32 / 48 / 64 select 1..4 row blocks; stages 3 and 4 select the deeper MB = 1 instances (all 12 run);
-    # bps = 1 and splits = 1..3 run coarser partitions (fewer blocks, fewer or no split columns).
+    # M = 1 / 32 / 48 / 64 select 1..4 row blocks; scaling 1 / 2 the 16-bit-weight / fp32-partial-sum instances at
+    # MB <= 2 (all 12 run); bps = 1 and splits = 1..3 run coarser partitions (fewer blocks, fewer or no split columns).
     monkeypatch.setattr(cuda_backend, "TUNING", tuning)
     _check(M, 1024, 704, 64, M == 48, dtype)
     plan = torch.ops.w4a16._cuda_gemm_plan(M, 1024, 704, 64, dtype == torch.bfloat16, *tuning)
-    if M <= 16 and tuning[2]:
-        assert plan[12] == tuning[2], f"the MB = 1 instance of depth {tuning[2]} was not selected: plan {plan}"
+    if M <= 32 and tuning[2]:
+        assert plan[12] == (tuning[2] == 2), f"scaling {tuning[2]} did not select its instance: plan {plan}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_ID.get)
+@pytest.mark.parametrize("scaling", [1, 2], ids=["w16", "f32"])
+@pytest.mark.parametrize("zeros", [False, True], ids=["sym", "zeros"])
+@pytest.mark.parametrize("K,G", [(1280, 128), (1280, 256), (1304, 1304)], ids=["G128", "G256", "channelwise-Ktail"])
+@pytest.mark.parametrize("M", [1, 17, 32])
+def test_both_scalings(cuda_ready, monkeypatch, M, K, G, zeros, scaling, dtype):
+    # One scale row per stage (G >= 128, or channelwise with K % 16 != 0): the f32 instance scales its fp32 partial
+    # sums per stage, the w16 one the 16-bit weights; both at MB = 1 and 2 (M = 1, 17, 32).
+    monkeypatch.setattr(cuda_backend, "TUNING", (0, 0, scaling))
+    _check(M, K, 576, G, zeros, dtype)
 
 
 @pytest.mark.gpu

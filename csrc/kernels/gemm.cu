@@ -9,13 +9,16 @@
 
 namespace w4a16 {
 namespace gemm {
-extern template cudaError_t launch_gemm_t<__half>(const KParams&, int, int, int, cudaStream_t, int*);
-extern template cudaError_t launch_gemm_t<__nv_bfloat16>(const KParams&, int, int, int, cudaStream_t, int*);
+extern template cudaError_t launch_gemm_t<__half>(const KParams&, int, bool, int, cudaStream_t, int*);
+extern template cudaError_t launch_gemm_t<__nv_bfloat16>(const KParams&, int, bool, int, cudaStream_t, int*);
 }  // namespace gemm
 
 namespace {
 
 int cdiv(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
+
+// Scale the fp32 partial sums per stage instead of the 16-bit weights (see gemm_kernel.cuh, F32S) by default.
+constexpr bool kF32ScaleDefault = false;
 
 int log2_exact(int v) {
   int s = 0;
@@ -30,11 +33,12 @@ cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, const 
   const int m16 = cdiv(M, 16);
   pl.m_chunks = cdiv(m16, 4);
   pl.mb = cdiv(m16, pl.m_chunks);  // balanced chunks: M = 65 runs as 48 + 17 rows, not 64 + 1
-  pl.stages = gemm::stages_for(pl.mb, tuning.stages);
+  // fp32 group scaling (MB <= 2 instances): the measured default unless a tuning run asks for one or the other.
+  pl.f32s = pl.mb <= 2 && (tuning.scaling == 2 || (tuning.scaling == 0 && kF32ScaleDefault)) ? 1 : 0;
   int occupancy = 0;
   gemm::KParams none{};
-  const cudaError_t err = bf16 ? gemm::launch_gemm_t<__nv_bfloat16>(none, pl.mb, pl.stages, 0, nullptr, &occupancy)
-                               : gemm::launch_gemm_t<__half>(none, pl.mb, pl.stages, 0, nullptr, &occupancy);
+  const cudaError_t err = bf16 ? gemm::launch_gemm_t<__nv_bfloat16>(none, pl.mb, pl.f32s != 0, 0, nullptr, &occupancy)
+                               : gemm::launch_gemm_t<__half>(none, pl.mb, pl.f32s != 0, 0, nullptr, &occupancy);
   if (err != cudaSuccess) return err;
   pl.blocks_per_sm = tuning.bps > 0 && tuning.bps < occupancy ? tuning.bps : occupancy;
   pl.slabs = gemm::slabs_of(pl.mb);
@@ -59,7 +63,7 @@ cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, const 
   // Stripes that start and end on column boundaries split no column: no cross-block reduction at all.
   pl.ws_floats = (pl.ipb % pl.k_iters) ? (int64_t)pl.grid * 2 * pl.rows_alloc * gemm::kTileN : 0;
   pl.locks = (int64_t)pl.m_chunks * pl.n_cols;
-  pl.smem_bytes = gemm::smem_bytes_of(pl.mb, pl.stages);
+  pl.smem_bytes = gemm::smem_bytes_of(pl.mb);
   (void)G;
   *plan = pl;
   return cudaSuccess;
@@ -91,8 +95,8 @@ cudaError_t launch_gemm(const GemmArgs& a, const GemmPlan& pl, float* ws, int* l
   kp.rows_alloc = pl.rows_alloc;
   kp.evict_first = pl.m_chunks == 1;
   if (a.M <= 0 || pl.total <= 0) return cudaSuccess;
-  if (a.bf16) return gemm::launch_gemm_t<__nv_bfloat16>(kp, pl.mb, pl.stages, pl.grid, stream, nullptr);
-  return gemm::launch_gemm_t<__half>(kp, pl.mb, pl.stages, pl.grid, stream, nullptr);
+  if (a.bf16) return gemm::launch_gemm_t<__nv_bfloat16>(kp, pl.mb, pl.f32s != 0, pl.grid, stream, nullptr);
+  return gemm::launch_gemm_t<__half>(kp, pl.mb, pl.f32s != 0, pl.grid, stream, nullptr);
 }
 
 // ---------------------------------------------------------------- dequantize

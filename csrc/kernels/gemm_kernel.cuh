@@ -147,6 +147,20 @@ struct Ops<__half> {
     f[2] = h2u(__hmul2(__hsub2(u2h(lo1), u2h(zlo_b)), u2h(s_b)));
     f[3] = h2u(__hmul2(__hfma2(u2h(hi1), sixteenth, u2h(zhi_b)), u2h(s_b)));
   }
+  // The same fragments unscaled: q - z exactly (F32S instances scale the fp32 partial sums instead).
+  __device__ __forceinline__ static void dequant_exact(uint32_t q, uint32_t (&f)[4], uint32_t zlo_a, uint32_t zhi_a,
+                                                       uint32_t zlo_b, uint32_t zhi_b) {
+    const uint32_t LO = 0x000f000f, HI = 0x00f000f0, EXP = 0x64006400;
+    const uint32_t lo0 = lop3_and_or(q, LO, EXP), hi0 = lop3_and_or(q, HI, EXP);
+    q >>= 8;
+    const uint32_t lo1 = lop3_and_or(q, LO, EXP), hi1 = lop3_and_or(q, HI, EXP);
+    const __half2 sixteenth = u2h(0x2C002C00u);
+    f[0] = h2u(__hsub2(u2h(lo0), u2h(zlo_a)));
+    f[1] = h2u(__hfma2(u2h(hi0), sixteenth, u2h(zhi_a)));
+    f[2] = h2u(__hsub2(u2h(lo1), u2h(zlo_b)));
+    f[3] = h2u(__hfma2(u2h(hi1), sixteenth, u2h(zhi_b)));
+  }
+  __device__ __forceinline__ static float2 to_float2(uint32_t v) { return __half22float2(u2h(v)); }
   __device__ __forceinline__ static uint32_t pack(float a, float b) { return h2u(__floats2half2_rn(a, b)); }
   __device__ __forceinline__ static __half2 u2h(uint32_t u) {
     __half2 h;
@@ -185,6 +199,17 @@ struct Ops<__nv_bfloat16> {
     f[2] = h2u(__hmul2(__hsub2(u2h(r2), u2h(zlo_b)), u2h(s_b)));
     f[3] = h2u(__hmul2(__hsub2(u2h(r3), u2h(zlo_b)), u2h(s_b)));
   }
+  __device__ __forceinline__ static void dequant_exact(uint32_t q, uint32_t (&f)[4], uint32_t zlo_a, uint32_t /*zhi_a*/,
+                                                       uint32_t zlo_b, uint32_t /*zhi_b*/) {
+    const uint32_t LO = 0x000f000f, EXP = 0x43004300;
+    const uint32_t r0 = lop3_and_or(q, LO, EXP), r1 = lop3_and_or(q >> 4, LO, EXP), r2 = lop3_and_or(q >> 8, LO, EXP),
+                   r3 = lop3_and_or(q >> 12, LO, EXP);
+    f[0] = h2u(__hsub2(u2h(r0), u2h(zlo_a)));
+    f[1] = h2u(__hsub2(u2h(r1), u2h(zlo_a)));
+    f[2] = h2u(__hsub2(u2h(r2), u2h(zlo_b)));
+    f[3] = h2u(__hsub2(u2h(r3), u2h(zlo_b)));
+  }
+  __device__ __forceinline__ static float2 to_float2(uint32_t v) { return __bfloat1622float2(u2h(v)); }
   __device__ __forceinline__ static uint32_t pack(float a, float b) { return h2u(__floats2bfloat162_rn(a, b)); }
   __device__ __forceinline__ static __nv_bfloat162 u2h(uint32_t u) {
     __nv_bfloat162 h;
@@ -204,14 +229,13 @@ constexpr int kWarps = 4;                 // warps per block, side by side along
 constexpr int kThreads = 32 * kWarps;
 constexpr int kTileN = 64 * kWarps;       // columns per block tile (one 64-column format tile per warp)
 
-// MB: 16-row mma blocks per M chunk (1..4). STAGES: cp.async ring depth. Everything else follows from them.
+// MB: 16-row mma blocks per M chunk (1..4). Everything else follows from it.
 template <int MB>
-constexpr int default_stages() { return MB == 1 ? 2 : MB == 2 ? 3 : 4; }
-
-template <int MB, int STAGES_ = default_stages<MB>()>
 struct Cfg {
   static constexpr int SLABS = MB <= 2 ? 8 : 4;        // 16-row slabs per stage (every warp does all of them)
-  static constexpr int STAGES = STAGES_;
+  static constexpr int STAGES = MB == 1 ? 2 : MB == 2 ? 3 : 4;  // cp.async ring depth (depths 3 and 4 at MB = 1
+                                                                // measured no faster: notes/cuda.md run 7)
+  static constexpr int MIN_BLOCKS = MB == 1 ? 4 : 2;            // blocks per SM the registers are budgeted for
   static constexpr int TK = 16 * SLABS;                // K rows per stage
   static constexpr int MT = 16 * MB;                   // rows per M chunk
   static constexpr int CH = TK / 8;                    // 16-byte chunks per x row per stage (8 or 16)
@@ -222,22 +246,19 @@ struct Cfg {
   static constexpr int Z_INT4 = SR * kTileN / 8 / 4;   // SR rows of kTileN / 8 zero words
   static constexpr int STAGE_INT4 = B_INT4 + A_INT4 + S_INT4 + Z_INT4;
   static constexpr int SMEM_BYTES = STAGES * STAGE_INT4 * 16;
-  // Blocks per SM the registers are budgeted for: the measured setting for the default depth (4 at MB = 1, else 2),
-  // else as many as the shared memory holds (227 KB usable), at most 4.
-  static constexpr int FIT = (227 * 1024) / SMEM_BYTES;
-  static constexpr int MIN_BLOCKS =
-      STAGES_ == default_stages<MB>() ? (MB == 1 ? 4 : 2) : FIT > 4 ? 4 : FIT < 1 ? 1 : FIT;
   static_assert(CH >= 8, "the x swizzle needs at least 8 chunks per row");
   static_assert(SR * kTileN / 8 <= kThreads, "one scale chunk and one zero word per thread");
-  static_assert(STAGES >= 2, "the ring needs a slot to fill while one is consumed");
 };
 
+// F32S (MB <= 2): when one scale row covers a whole stage (G >= 128 or channelwise), the mma runs on the exact
+// q - z and the stage's fp32 partial sums are scaled once per column (one FFMA per accumulator instead of one HMUL2
+// per two weights, and one rounding fewer); with smaller groups the instance scales the 16-bit weights as before.
 // ---------------------------------------------------------------- the kernel
 
-template <typename T, int MB, int STAGES_>
-__global__ void __launch_bounds__(kThreads, (Cfg<MB, STAGES_>::MIN_BLOCKS)) gemm_kernel(const KParams p) {
+template <typename T, int MB, bool F32S>
+__global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(const KParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  using C = Cfg<MB, STAGES_>;
+  using C = Cfg<MB>;
   using O = Ops<T>;
   constexpr int STAGES = C::STAGES, SLABS = C::SLABS;
   extern __shared__ int4 smem[];
@@ -337,6 +358,14 @@ __global__ void __launch_bounds__(kThreads, (Cfg<MB, STAGES_>::MIN_BLOCKS)) gemm
   // no data-dependent branch, so the compiler can overlap one slab's dequantization with the next one's mma.
   auto compute_stage = [&](int slot, auto multi_tag) {
     constexpr bool MULTI = decltype(multi_tag)::value;
+    constexpr bool SCALE_ACC = F32S && !MULTI;  // one scale row for the stage: scale the fp32 partial sums
+    float part[MB][8][4];
+#pragma unroll
+    for (int a = 0; a < MB; ++a)
+#pragma unroll
+      for (int b = 0; b < 8; ++b)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) part[a][b][c] = 0.f;
     const int4* st = smem + slot * C::STAGE_INT4;
     const uint16_t* ss = reinterpret_cast<const uint16_t*>(st + C::B_INT4 + C::A_INT4) + warp * 64 + gq;
     const uint32_t* zs = reinterpret_cast<const uint32_t*>(st + C::B_INT4 + C::A_INT4 + C::S_INT4) + warp * 8;
@@ -346,10 +375,12 @@ __global__ void __launch_bounds__(kThreads, (Cfg<MB, STAGES_>::MIN_BLOCKS)) gemm
     for (int s = 0; s < SLABS; ++s) {
       if (s == 0 || (MULTI && s % 2 == 0)) {  // this lane's 8 scales (and zero points) of the slab's group
         const int row = MULTI ? (16 * s) >> srow_shift : 0;
+        if (!SCALE_ACC) {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const uint32_t v = ss[row * kTileN + 8 * i];
-          sc[i] = v | (v << 16);
+          for (int i = 0; i < 8; ++i) {
+            const uint32_t v = ss[row * kTileN + 8 * i];
+            sc[i] = v | (v << 16);
+          }
         }
         if (has_zeros) {
           const uint4 z0 = *reinterpret_cast<const uint4*>(zs + row * (kTileN / 8));
@@ -370,11 +401,34 @@ __global__ void __launch_bounds__(kThreads, (Cfg<MB, STAGES_>::MIN_BLOCKS)) gemm
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         uint32_t f[4];
-        O::dequant(words[j], f, zlo[2 * j], zhi[2 * j], zlo[2 * j + 1], zhi[2 * j + 1], sc[2 * j], sc[2 * j + 1]);
+        if (SCALE_ACC) {
+          O::dequant_exact(words[j], f, zlo[2 * j], zhi[2 * j], zlo[2 * j + 1], zhi[2 * j + 1]);
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) {
+            O::mma(part[mb][2 * j], a[mb], f[0], f[1]);
+            O::mma(part[mb][2 * j + 1], a[mb], f[2], f[3]);
+          }
+        } else {
+          O::dequant(words[j], f, zlo[2 * j], zhi[2 * j], zlo[2 * j + 1], zhi[2 * j + 1], sc[2 * j], sc[2 * j + 1]);
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) {
+            O::mma(acc[mb][2 * j], a[mb], f[0], f[1]);
+            O::mma(acc[mb][2 * j + 1], a[mb], f[2], f[3]);
+          }
+        }
+      }
+    }
+    if (SCALE_ACC) {  // accumulator (b, c) is column 8 b + 2 tq + (c & 1) of the warp's 64
+      const uint16_t* s2 = reinterpret_cast<const uint16_t*>(st + C::B_INT4 + C::A_INT4) + warp * 64 + 2 * tq;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        const float2 sv = O::to_float2(*reinterpret_cast<const uint32_t*>(s2 + 8 * b));
 #pragma unroll
         for (int mb = 0; mb < MB; ++mb) {
-          O::mma(acc[mb][2 * j], a[mb], f[0], f[1]);
-          O::mma(acc[mb][2 * j + 1], a[mb], f[2], f[3]);
+          acc[mb][b][0] = fmaf(part[mb][b][0], sv.x, acc[mb][b][0]);
+          acc[mb][b][1] = fmaf(part[mb][b][1], sv.y, acc[mb][b][1]);
+          acc[mb][b][2] = fmaf(part[mb][b][2], sv.x, acc[mb][b][2]);
+          acc[mb][b][3] = fmaf(part[mb][b][3], sv.y, acc[mb][b][3]);
         }
       }
     }
@@ -527,32 +581,22 @@ __global__ void __launch_bounds__(kThreads, (Cfg<MB, STAGES_>::MIN_BLOCKS)) gemm
 
 // ---------------------------------------------------------------- host side
 
-// The instances: (MB, STAGES) for MB = 2..4 at their default depth; MB = 1 (decode) also at depths 3 and 4, which
-// keep more of a short stripe's loads in flight from the start at fewer blocks per SM. Any other request runs the
-// default depth of its MB.
-inline int stages_for(int mb, int stages) {
-  if (mb == 1 && (stages == 2 || stages == 3 || stages == 4)) return stages;
-  return mb == 1 ? default_stages<1>() : mb == 2 ? default_stages<2>() : mb == 3 ? default_stages<3>() : default_stages<4>();
-}
-
-inline int slabs_of(int mb) { return mb <= 2 ? Cfg<1>::SLABS : Cfg<4>::SLABS; }
-
-inline int smem_bytes_of(int mb, int stages) {
-  switch (mb * 8 + stages_for(mb, stages)) {
-    case 1 * 8 + 2: return Cfg<1, 2>::SMEM_BYTES;
-    case 1 * 8 + 3: return Cfg<1, 3>::SMEM_BYTES;
-    case 1 * 8 + 4: return Cfg<1, 4>::SMEM_BYTES;
-    case 2 * 8 + 3: return Cfg<2, 3>::SMEM_BYTES;
-    case 3 * 8 + 4: return Cfg<3, 4>::SMEM_BYTES;
-    case 4 * 8 + 4: return Cfg<4, 4>::SMEM_BYTES;
+inline int smem_bytes_of(int mb) {
+  switch (mb) {
+    case 1: return Cfg<1>::SMEM_BYTES;
+    case 2: return Cfg<2>::SMEM_BYTES;
+    case 3: return Cfg<3>::SMEM_BYTES;
+    case 4: return Cfg<4>::SMEM_BYTES;
   }
   return -1;
 }
 
+inline int slabs_of(int mb) { return mb <= 2 ? Cfg<1>::SLABS : Cfg<4>::SLABS; }
+
 // Sets the instance's shared-memory limit once per device; returns how many blocks of it fit on one SM.
-template <typename T, int MB, int STAGES>
+template <typename T, int MB, bool F32S>
 cudaError_t prepare_cfg(int* blocks_per_sm) {
-  constexpr int smem = Cfg<MB, STAGES>::SMEM_BYTES;
+  constexpr int smem = Cfg<MB>::SMEM_BYTES;
   static int occupancy[64] = {};  // per device, 0 = not prepared yet; a benign race sets it twice
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -561,10 +605,10 @@ cudaError_t prepare_cfg(int* blocks_per_sm) {
     *blocks_per_sm = occupancy[dev];
     return cudaSuccess;
   }
-  err = cudaFuncSetAttribute(gemm_kernel<T, MB, STAGES>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  err = cudaFuncSetAttribute(gemm_kernel<T, MB, F32S>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   int n = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_kernel<T, MB, STAGES>, kThreads, smem);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_kernel<T, MB, F32S>, kThreads, smem);
   if (err != cudaSuccess) return err;
   if (n < 1) return cudaErrorInvalidConfiguration;
   if (dev < 64) occupancy[dev] = n;
@@ -572,30 +616,30 @@ cudaError_t prepare_cfg(int* blocks_per_sm) {
   return cudaSuccess;
 }
 
-template <typename T, int MB, int STAGES>
+template <typename T, int MB, bool F32S>
 cudaError_t launch_cfg(const KParams& kp, int grid, cudaStream_t stream, int* blocks_per_sm) {
   int n = 0;
-  cudaError_t err = prepare_cfg<T, MB, STAGES>(&n);
+  cudaError_t err = prepare_cfg<T, MB, F32S>(&n);
   if (err != cudaSuccess) return err;
   if (blocks_per_sm != nullptr) {  // query only
     *blocks_per_sm = n;
     return cudaSuccess;
   }
-  gemm_kernel<T, MB, STAGES><<<grid, kThreads, Cfg<MB, STAGES>::SMEM_BYTES, stream>>>(kp);
+  gemm_kernel<T, MB, F32S><<<grid, kThreads, Cfg<MB>::SMEM_BYTES, stream>>>(kp);
   return cudaGetLastError();
 }
 
-// The instances of one dtype (defined in gemm_f16.cu / gemm_bf16.cu). With blocks_per_sm set, only reports how many
-// blocks of the (mb, stages) instance fit on one SM and launches nothing.
+// The instances of one dtype (defined in gemm_f16.cu / gemm_bf16.cu): MB = 1..4, and fp32 group scaling (f32s) at
+// MB <= 2 (ignored above). With blocks_per_sm set, only reports how many blocks of the instance fit on one SM.
 template <typename T>
-cudaError_t launch_gemm_t(const KParams& kp, int mb, int stages, int grid, cudaStream_t stream, int* blocks_per_sm) {
-  switch (mb * 8 + stages_for(mb, stages)) {
-    case 1 * 8 + 2: return launch_cfg<T, 1, 2>(kp, grid, stream, blocks_per_sm);
-    case 1 * 8 + 3: return launch_cfg<T, 1, 3>(kp, grid, stream, blocks_per_sm);
-    case 1 * 8 + 4: return launch_cfg<T, 1, 4>(kp, grid, stream, blocks_per_sm);
-    case 2 * 8 + 3: return launch_cfg<T, 2, 3>(kp, grid, stream, blocks_per_sm);
-    case 3 * 8 + 4: return launch_cfg<T, 3, 4>(kp, grid, stream, blocks_per_sm);
-    case 4 * 8 + 4: return launch_cfg<T, 4, 4>(kp, grid, stream, blocks_per_sm);
+cudaError_t launch_gemm_t(const KParams& kp, int mb, bool f32s, int grid, cudaStream_t stream, int* blocks_per_sm) {
+  switch (mb * 2 + (f32s && mb <= 2 ? 1 : 0)) {
+    case 2: return launch_cfg<T, 1, false>(kp, grid, stream, blocks_per_sm);
+    case 3: return launch_cfg<T, 1, true>(kp, grid, stream, blocks_per_sm);
+    case 4: return launch_cfg<T, 2, false>(kp, grid, stream, blocks_per_sm);
+    case 5: return launch_cfg<T, 2, true>(kp, grid, stream, blocks_per_sm);
+    case 6: return launch_cfg<T, 3, false>(kp, grid, stream, blocks_per_sm);
+    case 8: return launch_cfg<T, 4, false>(kp, grid, stream, blocks_per_sm);
   }
   return cudaErrorInvalidValue;
 }

@@ -33,7 +33,7 @@ struct GemmArgs {
 struct GemmPlan {
   int mb;             // 16-row mma blocks per M chunk (1..4)
   int slabs;          // 16-row slabs per pipeline stage (a block owns 256 columns, 4 warps of 64)
-  int stages;         // cp.async ring depth of the instance
+  int f32s;           // 1: the instance scales fp32 partial sums per stage (MB <= 2), 0: the 16-bit weights
   int blocks_per_sm;  // resident blocks per SM the grid is sized for
   int m_chunks, n_cols, k_iters, total, ipb, grid;
   int max_splits;     // most blocks one column is split between (the stripe length keeps to it)
@@ -44,11 +44,12 @@ struct GemmPlan {
 };
 
 // Overrides of the partition's measured defaults (0 = default), for timing sweeps and tests. bps: at most this many
-// blocks per SM; max_splits: at most this many blocks per column; stages: ring depth of the MB = 1 instance (2..4).
+// blocks per SM; max_splits: at most this many blocks per column; scaling: 1 = scale the 16-bit weights, 2 = scale
+// fp32 partial sums per stage (MB <= 2).
 struct GemmTuning {
   int bps = 0;
   int max_splits = 0;
-  int stages = 0;
+  int scaling = 0;
 };
 
 // The partition of one call on the current device. num_sms: its multiprocessors. Sets the kernel's shared-memory

@@ -32,7 +32,7 @@ NAME = "cuda"
 # measured layer, at M = 128 not on the large ones; notes/cuda.md).
 DEQUANT_MIN_M = 256
 # Overrides of the fused kernel's partition for timing sweeps and tests (0 = the measured default; GemmTuning in
-# csrc/kernels/launchers.h): blocks per SM, most blocks per column, ring depth of the MB = 1 instance.
+# csrc/kernels/launchers.h): blocks per SM, most blocks per column, scaling (1: 16-bit weights, 2: fp32 partial sums).
 TUNING = (0, 0, 0)
 
 _GROUPS = (32, 64, 128, 256)
