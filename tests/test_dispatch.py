@@ -103,14 +103,23 @@ def test_problem_describe():
 
 
 def test_measured_table_on_hopper():
-    # benchmarks/results/h100_bench_op.md: CUDA at M = 1, Triton at M = 16 and 64, CUDA (tie) from 256.
-    assert [dispatch.decide(_p(M=M), {}).backend for M in (1, 16, 64, 256, 4096)] == [
-        "cuda", "triton", "triton", "cuda", "cuda"
-    ]
+    # benchmarks/results/h100_bench_op_full.md, by shape class (w4a16_ops.dispatch.shape_class).
+    Ms = (1, 16, 64, 128, 256, 512, 4096)
+    large, small = dict(K=4096, N=14336), dict(K=4096, N=4096)
+    large_tail, small_tail = dict(K=14784, N=4096, G=64), dict(K=2112, N=4096, G=64)
+    assert [dispatch.decide(_p(M=M, **large), {}).backend for M in Ms] == [
+        "cuda", "cuda", "triton", "cuda", "cuda", "triton", "triton"]
+    assert [dispatch.decide(_p(M=M, **small), {}).backend for M in Ms] == [
+        "cuda", "cuda", "triton", "triton", "triton", "triton", "triton"]
+    assert [dispatch.decide(_p(M=M, **large_tail), {}).backend for M in Ms] == [
+        "cuda", "triton", "triton", "cuda", "cuda", "triton", "triton"]
+    assert [dispatch.decide(_p(M=M, **small_tail), {}).backend for M in Ms] == [
+        "cuda", "triton", "triton", "triton", "triton", "triton", "triton"]
+    assert "small, K % 128 != 0" in dispatch.decide(_p(M=16, **small_tail), {}).reason
     # A family that was not measured keeps the default order.
-    assert dispatch.decide(_p(M=16, cap=(8, 0)), {}).backend == "cuda"
+    assert dispatch.decide(_p(M=64, cap=(8, 0)), {}).backend == "cuda"
     # A preferred backend that is missing falls through with its reason.
-    d = dispatch.decide(_p(M=16), {"triton": "not built"})
+    d = dispatch.decide(_p(M=64), {"triton": "not built"})
     assert d.backend == "cuda" and "not triton: not built" in d.reason
 
 

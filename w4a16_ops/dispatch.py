@@ -24,41 +24,55 @@ ENV_VAR = "W4A16_BACKEND"  # "auto" (default), "cuda", "triton" or "reference"
 # reference backend serves everything, so a call never goes without a kernel.
 _DEFAULT_ORDER = ("cuda", "triton", "reference")
 
-# Measured preference by GPU family (compute capability major) and M: (first M past the range,
-# order). From benchmarks/results/h100_bench_op.md (H100, 9 shapes, fp16, G = 128): the CUDA
-# kernel is fastest at M = 1 on every shape; Triton's tl.dot kernels at M = 16 and 64 on every
-# shape (by 5-150%); from M = 256 both dequantize + cuBLAS and tie within noise. Families not
-# measured use _DEFAULT_ORDER. Unmeasured M between the points take the bucket below them.
+# Measured preference by GPU family (compute capability major), shape class and M: per class, buckets of (first M
+# past the range, order). From benchmarks/results/h100_bench_op_full.md and h100_bench_op_subsets.md (H100, 14
+# shapes x 14 M at fp16 G = 128, plus bf16, G = 32 and channelwise subsets), where the CUDA kernel leads at small M
+# on every shape and at 128 <= M < 512 on the large layers (its fused kernel; Triton dequantizes + cuBLAS there),
+# Triton's tl.dot kernel at 16 <= M < 64 when K % 128 != 0 (the CUDA kernel runs a K tail) and at 64 <= M < 128,
+# and Triton's L2-chunked dequantize + cuBLAS from M = 512 (ties within a few % from M = 256).
+# Families not measured use _DEFAULT_ORDER. The points where this table is more than 5% off the fastest forced
+# backend are listed in notes/dispatch.md.
+_C, _T = ("cuda", "triton", "reference"), ("triton", "cuda", "reference")
 _MEASURED_ORDER = {
-    9: (
-        (16, ("cuda", "triton", "reference")),
-        (256, ("triton", "cuda", "reference")),
-        (None, ("cuda", "triton", "reference")),
-    ),
+    9: {
+        "large": ((64, _C), (128, _T), (512, _C), (None, _T)),
+        "large, K % 128 != 0": ((16, _C), (128, _T), (512, _C), (None, _T)),
+        "small": ((64, _C), (None, _T)),
+        "small, K % 128 != 0": ((16, _C), (None, _T)),
+    },
 }
+SMALL_WEIGHTS = 1 << 24  # K * N at or below this is "small" (Llama-3-8B o_proj, 4096 x 4096, is the largest)
 
 
-# With zero points the measured order differs: Triton's nibble kernel subtracts z from the weights (exact for
-# Inf in x), which triton 3.6 routes through shared memory. H100, fp16, M = 16 (benchmarks/results/h100_zeros.md):
-# CUDA 27.8 / 14.9 / 15.2 us against Triton 61.9 / 15.8 / 19.2 us on Llama-3-8B down_proj (G = 128),
-# K = 2112 (G = 64) and N = 2120 (G = 128). From M = 256 CUDA is first anyway, so CUDA goes first at every M.
+def shape_class(p: Problem) -> str:
+    """The measured table's shape classes: 'small' (K * N <= 2^24) or 'large', and whether K % 128 != 0."""
+    size = "small" if p.K * p.N <= SMALL_WEIGHTS else "large"
+    return size if p.K % 128 == 0 else f"{size}, K % 128 != 0"
+
+
+# With zero points the measured order differs: Triton's nibble kernel handles zero points with a rank-1 correction plus an
+# exact path for tiles with Inf/NaN sums, still 1.3-2.0x slower than its symmetric path. H100, fp16, M = 1 / 16
+# (notes/triton.md): CUDA 21.6 / 25.2 us against Triton 36.1 / 49.2 us on Llama-3-8B down_proj, 9.3 / 13.3 vs
+# 14.5 / 14.8 on K = 2112, 8.4 / 12.4 vs 14.8 / 18.2 on N = 2120. From M = 256 both dequantize + cuBLAS.
 _MEASURED_ORDER_ZEROS = {
-    9: ((None, ("cuda", "triton", "reference")),),
+    9: {"all shapes": ((None, _C),)},
 }
 
 
 def preference(p: Problem) -> tuple:
     """(order in which backends are tried for p, why that order). Pure."""
     table = _MEASURED_ORDER_ZEROS if p.has_zeros else _MEASURED_ORDER
-    buckets = table.get(p.capability[0]) if p.capability else None
-    kind = "zero-point" if p.has_zeros else "symmetric"
-    lo = 1
-    for limit, order in buckets or ():
-        if limit is None or p.M < limit:
-            rng = f"M >= {lo}" if limit is None else f"{lo} <= M < {limit}"
-            return order, (f"{order[0]} is first for {kind} weights on sm_{p.capability[0]}x at {rng} "
-                           "(measured table in dispatch.py)")
-        lo = limit
+    classes = table.get(p.capability[0]) if p.capability else None
+    if classes:
+        cls = "all shapes" if "all shapes" in classes else shape_class(p)
+        kind = "zero-point" if p.has_zeros else "symmetric"
+        lo = 1
+        for limit, order in classes[cls]:
+            if limit is None or p.M < limit:
+                rng = f"M >= {lo}" if limit is None else f"{lo} <= M < {limit}"
+                return order, (f"{order[0]} is first for {kind} weights, {cls}, on sm_{p.capability[0]}x at {rng} "
+                               "(measured table in dispatch.py)")
+            lo = limit
     return _DEFAULT_ORDER, f"{_DEFAULT_ORDER[0]} is first by default on {p.device_type}"
 
 
