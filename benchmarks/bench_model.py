@@ -126,7 +126,7 @@ def decoder_tokens_per_s(model_name, packed: bool, Ms, layers=4, context=512):
         nn.init.normal_(p, std=0.02) if p.dim() > 1 else None
     if packed:
         report = swap_linears(model, group_size=128 if inter % 128 == 0 else 64)
-        assert not report.skipped_names(), str(report)
+        assert not report.skipped_names, str(report)
     torch._dynamo.reset()
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     out = {}
