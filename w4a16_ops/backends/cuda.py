@@ -69,6 +69,28 @@ _locks_cache: dict = {}  # (device index, stream) -> int32 buffer, all zero betw
 _locks_arena: dict = {}  # device index -> [zeroed int32 tensor, next free offset]
 
 
+_side_streams: dict = {}  # device index -> the stream persistent buffers are allocated on
+
+
+def _persistent_zeros(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 buffer that outlives the call, allocated outside any CUDA-graph memory pool.
+
+    torch.compile(mode="reduce-overhead") runs its warm-up calls with the current stream's allocations routed to
+    the graph's private pool, and then rejects live tensors in that pool that are not graph outputs. Only the
+    current stream is routed, so the buffer is allocated and zeroed on a side stream, which the current stream
+    then waits for (no host synchronization).
+    """
+    side = _side_streams.get(device.index)
+    if side is None:
+        side = _side_streams[device.index] = torch.cuda.Stream(device)
+    current = torch.cuda.current_stream(device)
+    side.wait_stream(current)  # a buffer this replaces may still be in use by work queued on the current stream
+    with torch.cuda.stream(side):
+        buf = torch.zeros(n, dtype=torch.int32, device=device)
+    current.wait_stream(side)
+    return buf
+
+
 def _locks(device: torch.device, n: int) -> torch.Tensor:
     if torch._C._cuda_isCurrentStreamCapturing():  # the torch.cuda wrappers cost microseconds per call
         arena = _locks_arena.get(device.index)
@@ -79,11 +101,11 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
         # Memory allocated during a capture belongs to the graph: this call only (its memset is recorded).
         return torch.zeros(n, dtype=torch.int32, device=device)
     if device.index not in _locks_arena:
-        _locks_arena[device.index] = [torch.zeros(_ARENA_INTS, dtype=torch.int32, device=device), 0]
+        _locks_arena[device.index] = [_persistent_zeros(device, _ARENA_INTS), 0]
     key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
     buf = _locks_cache.get(key)
     if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, _LOCKS_PER_BUFFER), dtype=torch.int32, device=device)
+        buf = _persistent_zeros(device, max(n, _LOCKS_PER_BUFFER))
         _locks_cache[key] = buf
     return buf
 
