@@ -21,6 +21,7 @@ fp16/bf16 reduced-precision reductions disallowed, so it accumulates in fp32 lik
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Optional
 
 import torch
@@ -69,26 +70,30 @@ _locks_cache: dict = {}  # (device index, stream) -> int32 buffer, all zero betw
 _locks_arena: dict = {}  # device index -> [zeroed int32 tensor, next free offset]
 
 
-_side_streams: dict = {}  # device index -> the stream persistent buffers are allocated on
+_retired: list = []  # replaced lock buffers, kept alive: queued kernels may still use them
 
 
 def _persistent_zeros(device: torch.device, n: int) -> torch.Tensor:
     """A zeroed int32 buffer that outlives the call, allocated outside any CUDA-graph memory pool.
 
-    torch.compile(mode="reduce-overhead") runs its warm-up calls with the current stream's allocations routed to
-    the graph's private pool, and then rejects live tensors in that pool that are not graph outputs. Only the
-    current stream is routed, so the buffer is allocated and zeroed on a side stream, which the current stream
-    then waits for (no host synchronization).
+    torch.compile(mode="reduce-overhead") runs its warm-up calls with this thread's allocations routed to the
+    graph's private pool, and then rejects live tensors in that pool that are not graph outputs. So the buffer is
+    allocated and zeroed by a helper thread, which waits for the zeroing (once per buffer, never while capturing).
     """
-    side = _side_streams.get(device.index)
-    if side is None:
-        side = _side_streams[device.index] = torch.cuda.Stream(device)
-    current = torch.cuda.current_stream(device)
-    side.wait_stream(current)  # a buffer this replaces may still be in use by work queued on the current stream
-    with torch.cuda.stream(side):
-        buf = torch.zeros(n, dtype=torch.int32, device=device)
-    current.wait_stream(side)
-    return buf
+    made = []
+
+    def make():
+        with torch.cuda.device(device):
+            t = torch.zeros(n, dtype=torch.int32, device=device)
+            torch.cuda.current_stream(device).synchronize()
+        made.append(t)
+
+    worker = threading.Thread(target=make, name="w4a16-locks")
+    worker.start()
+    worker.join()
+    if not made:
+        raise RuntimeError(f"w4a16 cuda backend: could not allocate {n} lock counters on {device}")
+    return made[0]
 
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
@@ -105,6 +110,8 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
     key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
     buf = _locks_cache.get(key)
     if buf is None or buf.numel() < n:
+        if buf is not None:
+            _retired.append(buf)
         buf = _persistent_zeros(device, max(n, _LOCKS_PER_BUFFER))
         _locks_cache[key] = buf
     return buf
