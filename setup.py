@@ -96,7 +96,12 @@ setup(
     package_data={"w4a16_ops": ["backends/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "expecttest", "numpy"], "bench": ["matplotlib"]},
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "expecttest", "numpy"],
+        # Peers are optional: benchmarks/contenders.py times them only when they import.
+        "bench": ["matplotlib", "gemlite", "conch-triton-kernels"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
