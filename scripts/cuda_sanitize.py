@@ -22,6 +22,8 @@ CASES = [  # M, K, N, G, zeros, dtype
     (70, 2112, 192, 64, False, torch.bfloat16),  # two M chunks, K tail
     (1, 100, 72, 100, True, torch.float16),  # K % 8 != 0 (padded x), channelwise
     (96, 256, 136, 128, True, torch.bfloat16),  # dequantize path (DEQUANT_MIN_M lowered below)
+    (20, 1280, 576, 128, True, torch.float16),  # MB = 2 with fp32 group scaling (F32S), split columns
+    (16, 4096, 512, 128, False, torch.bfloat16),  # M = 16: 8 blocks per column, the parallel finalize
 ]
 
 
