@@ -1,6 +1,7 @@
 // The W4A16 GEMM kernel (Marlin-class): out[M, N] = x[M, K] @ W, W = (q - z) * s in the packed format of
 // w4a16_ops/format.py. No torch headers: compiles with plain nvcc. Included by gemm_f16.cu / gemm_bf16.cu, which
-// instantiate it for one dtype each (so the two build in parallel), four instances each (MB = 1..4).
+// instantiate it for one dtype each (so the two build in parallel), six instances each (MB = 1..4, and MB <= 2
+// with fp32 group scaling).
 //
 // Work split. A block is 4 warps side by side along N: it owns 256 columns, each warp one 64-column tile of the
 // format, and every warp streams ALL the 16-row slabs of each pipeline stage for its tile (SLABS = 8 or 4 per stage),
@@ -250,6 +251,17 @@ struct Cfg {
   static_assert(SR * kTileN / 8 <= kThreads, "one scale chunk and one zero word per thread");
 };
 
+// Zeroes a warp's accumulator tile (fully unrolled: the registers stay registers).
+template <int MB>
+__device__ __forceinline__ void clear_acc(float (&acc)[MB][8][4]) {
+#pragma unroll
+  for (int a = 0; a < MB; ++a)
+#pragma unroll
+    for (int b = 0; b < 8; ++b)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+}
+
 // F32S (MB <= 2): when one scale row covers a whole stage (G >= 128 or channelwise), the mma runs on the exact
 // q - z and the stage's fp32 partial sums are scaled once per column (one FFMA per accumulator instead of one HMUL2
 // per two weights, and one rounding fewer); with smaller groups the instance scales the 16-bit weights as before.
@@ -341,12 +353,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
   };
 
   float acc[MB][8][4];
-#pragma unroll
-  for (int a = 0; a < MB; ++a)
-#pragma unroll
-    for (int b = 0; b < 8; ++b)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+  clear_acc(acc);
   // Biased zero points of this lane's 8 columns (index 2 j + blk: column 16 j + 8 blk + gq of the warp's 64);
   // constant z = 8 when symmetric, reloaded with the scales otherwise.
   uint32_t zlo[8], zhi[8];
@@ -360,12 +367,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
     constexpr bool MULTI = decltype(multi_tag)::value;
     constexpr bool SCALE_ACC = F32S && !MULTI;  // one scale row for the stage: scale the fp32 partial sums
     float part[MB][8][4];
-#pragma unroll
-    for (int a = 0; a < MB; ++a)
-#pragma unroll
-      for (int b = 0; b < 8; ++b)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) part[a][b][c] = 0.f;
+    clear_acc(part);
     const int4* st = smem + slot * C::STAGE_INT4;
     const uint16_t* ss = reinterpret_cast<const uint16_t*>(st + C::B_INT4 + C::A_INT4) + warp * 64 + gq;
     const uint32_t* zs = reinterpret_cast<const uint32_t*>(st + C::B_INT4 + C::A_INT4 + C::S_INT4) + warp * 8;
@@ -562,12 +564,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
     slot = slot + 1 == STAGES ? 0 : slot + 1;
     if (++kit == p.k_iters || it + 1 == end) {
       finish_column(col);
-#pragma unroll
-      for (int a = 0; a < MB; ++a)
-#pragma unroll
-        for (int b = 0; b < 8; ++b)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
+      clear_acc(acc);
       if (kit == p.k_iters) {
         kit = 0;
         ++col;
