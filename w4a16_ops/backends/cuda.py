@@ -21,11 +21,12 @@ fp16/bf16 reduced-precision reductions disallowed, so it accumulates in fp32 lik
 from __future__ import annotations
 
 import functools
-import threading
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from ._buffers import persistent_zeros, retire
 
 NAME = "cuda"
 
@@ -70,32 +71,6 @@ _locks_cache: dict = {}  # (device index, stream) -> int32 buffer, all zero betw
 _locks_arena: dict = {}  # device index -> [zeroed int32 tensor, next free offset]
 
 
-_retired: list = []  # replaced lock buffers, kept alive: queued kernels may still use them
-
-
-def _persistent_zeros(device: torch.device, n: int) -> torch.Tensor:
-    """A zeroed int32 buffer that outlives the call, allocated outside any CUDA-graph memory pool.
-
-    torch.compile(mode="reduce-overhead") runs its warm-up calls with this thread's allocations routed to the
-    graph's private pool, and then rejects live tensors in that pool that are not graph outputs. So the buffer is
-    allocated and zeroed by a helper thread, which waits for the zeroing (once per buffer, never while capturing).
-    """
-    made = []
-
-    def make():
-        with torch.cuda.device(device):
-            t = torch.zeros(n, dtype=torch.int32, device=device)
-            torch.cuda.current_stream(device).synchronize()
-        made.append(t)
-
-    worker = threading.Thread(target=make, name="w4a16-locks")
-    worker.start()
-    worker.join()
-    if not made:
-        raise RuntimeError(f"w4a16 cuda backend: could not allocate {n} lock counters on {device}")
-    return made[0]
-
-
 def _locks(device: torch.device, n: int) -> torch.Tensor:
     if torch._C._cuda_isCurrentStreamCapturing():  # the torch.cuda wrappers cost microseconds per call
         arena = _locks_arena.get(device.index)
@@ -106,13 +81,12 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
         # Memory allocated during a capture belongs to the graph: this call only (its memset is recorded).
         return torch.zeros(n, dtype=torch.int32, device=device)
     if device.index not in _locks_arena:
-        _locks_arena[device.index] = [_persistent_zeros(device, _ARENA_INTS), 0]
+        _locks_arena[device.index] = [persistent_zeros(device, _ARENA_INTS), 0]
     key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
     buf = _locks_cache.get(key)
     if buf is None or buf.numel() < n:
-        if buf is not None:
-            _retired.append(buf)
-        buf = _persistent_zeros(device, max(n, _LOCKS_PER_BUFFER))
+        retire(buf)
+        buf = persistent_zeros(device, max(n, _LOCKS_PER_BUFFER))
         _locks_cache[key] = buf
     return buf
 

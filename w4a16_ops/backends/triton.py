@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from ._buffers import persistent_zeros, retire
+
 NAME = "triton"
 
 _CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_configs.json")
@@ -175,7 +177,8 @@ def _counters(device, n: int):
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        retire(buf)
+        buf = persistent_zeros(device, max(n, 4096))  # outside any graph pool (reduce-overhead warm-up)
         _COUNTERS[key] = buf
     return buf
 
