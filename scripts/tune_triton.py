@@ -30,7 +30,7 @@ from benchmarks.timing import packed_copies, time_rotating  # noqa: E402
 from w4a16_ops import dispatch  # noqa: E402
 from w4a16_ops.backends import triton as tb  # noqa: E402
 
-from benchmarks.bench_op import SHAPES  # noqa: E402  (one shape table for the benchmark and the tuner)
+from benchmarks.bench_op import SHAPES, group_for  # noqa: E402  (the benchmark's shapes and G rule)
 
 DEFAULT_SHAPES = ["llama3-8b.o", "llama3-8b.down", "K7392.down", "N7400", "K14784.down", "N2120"]
 DEFAULT_MS = [1, 16, 32, 64, 128, 256, 1024, 4096]
@@ -64,13 +64,6 @@ def candidates(M: int):
 
 def _dq(bn=128, bk=32, w=4, chunk=24):
     return dict(kernel="dqmm", BLOCK_M=128, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, chunk_mb=chunk)
-
-
-def group_for(K: int, G: int) -> int:
-    for g in (G, 128, 64, 32):
-        if K % g == 0:
-            return g
-    return K
 
 
 def dense_calls(M, K, N, dtype):
