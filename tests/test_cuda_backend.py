@@ -157,8 +157,8 @@ def test_deterministic_and_locks_left_zero(cuda_ready):
     torch.cuda.synchronize()
     for key, buf in cuda_backend._locks_cache.items():
         assert int(buf.abs().sum()) == 0, f"lock counters not back to zero for {key}"
-    for dev, (arena, _) in cuda_backend._locks_arena.items():
-        assert int(arena.abs().sum()) == 0, f"captured-call lock counters not zero on device {dev}"
+    for dev, arena in cuda_backend._locks_arena.items():
+        assert int(arena.buf.abs().sum()) == 0, f"captured-call lock counters not zero on device {dev}"
 
 
 @pytest.mark.gpu
@@ -172,14 +172,14 @@ def test_cuda_graph_replay(cuda_ready, monkeypatch):
     with torch.cuda.stream(s):
         w4a16_ops.gemm(x, *case.args[1:])  # warm-up on a side stream (zeroes the device's lock arena)
     torch.cuda.current_stream().wait_stream(s)
-    used = cuda_backend._locks_arena[x.device.index][1]
+    used = cuda_backend._locks_arena[x.device.index].next
     graphs, ys = [], []
     for _ in range(2):  # two graphs captured on one stream: each captured call must own its counters
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             ys.append(w4a16_ops.gemm(x, *case.args[1:]))
         graphs.append(g)
-    assert cuda_backend._locks_arena[x.device.index][1] >= used + 2 * 32, "captured calls share lock counters"
+    assert cuda_backend._locks_arena[x.device.index].next >= used + 2 * 32, "two graphs share lock counters"
     for _ in range(2):
         x.copy_(torch.randn_like(x))
         for g in graphs:
@@ -188,6 +188,114 @@ def test_cuda_graph_replay(cuda_ready, monkeypatch):
         expected = w4a16_ops.gemm(x, *case.args[1:])
         for y in ys:
             assert torch.equal(y, expected), "graph replay differs from an eager call"
+
+
+@pytest.mark.gpu
+def test_graph_capture_at_serving_scale(cuda_ready, monkeypatch):
+    # A server captures graphs for dozens of batch sizes x every layer: 20,000 captured calls here (100 graphs of
+    # 200 calls sharing one memory pool, M mixed up to 255, a 4096 x 28672 layer and a 14336 x 4096 one). None may
+    # record a memset of its own counters, and a graph captured last must replay as fast as the first one.
+    monkeypatch.setenv("W4A16_BACKEND", "cuda")
+    layers = [make_case(1, 4096, 28672, 128, zeros=False, dtype=torch.float16, device="cuda"),
+              make_case(1, 14336, 4096, 128, zeros=True, dtype=torch.float16, device="cuda")]
+    xs = {M: torch.randn(M, 14336, dtype=torch.float16, device="cuda") for M in range(1, 256)}
+    fallbacks = cuda_backend._captured_memsets
+    w4a16_ops.gemm(xs[1][:, :4096], *layers[0].args[1:])  # eager warm-up (zeroes the arena)
+
+    def capture(calls, pool=None):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            ys = [w4a16_ops.gemm(xs[M][:, : c.x.shape[1]], *c.args[1:]) for M, c in calls]
+        return g, ys
+
+    one = [(1, layers[0])]
+    first, first_y = capture(one)
+    pool = first.pool()
+    graphs = []
+    for gi in range(100):
+        calls = [((gi * 200 + i) * 37 % 255 + 1, layers[i % 2]) for i in range(200)]
+        graphs.append(capture(calls, pool)[0])
+        if gi % 10 == 9:  # a server runs eager warm-up steps between its captures
+            w4a16_ops.gemm(xs[16][:, :4096], *layers[0].args[1:])
+    assert cuda_backend._captured_memsets == fallbacks, "a captured call recorded a memset of its own counters"
+    last, last_y = capture(one, pool)
+    assert cuda_backend._captured_memsets == fallbacks
+
+    def replay_us(g):
+        g.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(30):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3)
+        return sorted(times)[len(times) // 2]
+
+    t_first, t_last = replay_us(first), replay_us(last)
+    assert torch.equal(first_y[0], last_y[0]), "the graph captured last computes something else"
+    assert_close_to_reference(last_y[0], layers[0]._replace(x=xs[1][:, :4096]), "graph captured after 20,000 calls")
+    assert t_last <= 1.2 * t_first + 2.0, f"a newly captured call is slower: {t_last:.1f} us vs {t_first:.1f} us"
+    graphs[-1].replay()
+    torch.cuda.synchronize()
+    for dev, arena in cuda_backend._locks_arena.items():
+        assert int(arena.buf.abs().sum()) == 0, f"captured-call lock counters not zero on device {dev}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pdl", [1, 2], ids=["plain", "pdl"])
+@pytest.mark.parametrize("prefetch", [-1, 4], ids=["nopf", "pf4"])
+def test_programmatic_launch_chains(cuda_ready, monkeypatch, pdl, prefetch):
+    # Back-to-back calls where each reads what the one before wrote (x of call i+1 = out of call i, and the weights
+    # of the last call written by the kernel just before it): with PDL a kernel may start before its predecessor
+    # ends, so anything read before griddepcontrol.wait would be stale. Eager, then the same chain in a CUDA graph.
+    monkeypatch.setenv("W4A16_BACKEND", "cuda")
+    monkeypatch.setattr(cuda_backend, "TUNING", (0, 0, 0, pdl, prefetch))
+    K = N = 2048
+    case = make_case(16, K, N, 128, zeros=True, dtype=torch.float16, device="cuda")
+    w = case.args[1:]
+    q_src = w[0].clone()
+    q = torch.zeros_like(w[0])
+
+    def chain(x):
+        ys = [x]
+        for _ in range(4):  # each call reads the previous call's output as x (values grow ~5x per link: fp16 is fine)
+            ys.append(w4a16_ops.gemm(ys[-1], *w))
+        q.copy_(q_src)  # the last call's weights come from the kernel right before it
+        ys.append(w4a16_ops.gemm(ys[-1], q, *w[1:]))
+        return ys
+
+    eager = chain(case.x)
+    for i in range(1, len(eager)):  # each link against the float64 product of the previous link's own output
+        link = case._replace(x=eager[i - 1], qweight=q if i == len(eager) - 1 else w[0])
+        assert_close_to_reference(eager[i], link, f"eager link {i} pdl={pdl} prefetch={prefetch}")
+    x = case.x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(x)  # warm-up on the capture stream (its counters)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ys = chain(x)
+    for _ in range(2):
+        q.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        for i, (a, b) in enumerate(zip(ys[1:], eager[1:])):
+            assert torch.equal(a, b), f"graph replay link {i + 1} differs from eager (pdl={pdl}, prefetch={prefetch})"
+
+
+@pytest.mark.gpu
+def test_plan_reports_pdl_and_prefetch(cuda_ready):
+    major = torch.cuda.get_device_capability()[0]
+    default = torch.ops.w4a16._cuda_gemm_plan(1, 4096, 4096, 128, False)
+    off = torch.ops.w4a16._cuda_gemm_plan(1, 4096, 4096, 128, False, 0, 0, 0, 1, -1)
+    on = torch.ops.w4a16._cuda_gemm_plan(1, 4096, 4096, 128, False, 0, 0, 0, 2, 3)
+    assert default[14] == (major >= 9) and off[14] == 0 and on[14] == (major >= 9), (default, off, on)
+    assert off[15] == 0 and on[15] == (3 if major >= 9 else 0), (off, on)
 
 
 @pytest.mark.gpu
@@ -247,6 +355,55 @@ def test_binding_rejects_an_unaligned_x(cuda_ready):
     # (reproduced with a ten-line op; notes/cuda.md), so the backend validates everything before the binding.
     assert p.returncode == 0, f"the process died (exit {p.returncode}): {p.stderr[-800:]}"
     assert "16-byte aligned" in p.stdout, p.stdout + p.stderr[-800:]
+
+
+# ---------------------------------------------------------------- CPU: the captured calls' counter arena
+
+
+def test_arena_gives_each_key_its_own_block_and_reuses_it():
+    arena = cuda_backend._Arena(torch.zeros(1000, dtype=torch.int32))
+    a = arena.block((1, 7), 40)
+    b = arena.block((2, 7), 40)  # another capture on the same stream
+    c = arena.block((1, 8), 10)  # the same capture, another stream
+    assert a.numel() >= 40 and b.numel() >= 40 and c.numel() >= 10
+    spans = sorted((t.storage_offset(), t.storage_offset() + t.numel()) for t in (a, b, c))
+    assert all(e <= s for (_, e), (s, _) in zip(spans, spans[1:])), f"blocks overlap: {spans}"
+    assert all(t.storage_offset() % 32 == 0 for t in (a, b, c)), "blocks must be 128-byte aligned"
+    used = arena.next
+    for n in (1, 17, 40):  # later calls of one capture on one stream share its block: no new counters
+        assert arena.block((1, 7), n).data_ptr() == a.data_ptr()
+    assert arena.next == used
+    bigger = arena.block((1, 7), 100)  # a call needing more gets a fresh block, never one another key holds
+    assert bigger.numel() >= 100 and bigger.storage_offset() >= used
+    assert arena.block((3, 7), 2000) is None  # used up: the caller falls back (and counts it)
+
+
+def test_arena_forgets_old_keys_without_reusing_their_blocks():
+    arena = cuda_backend._Arena(torch.zeros(32 * (cuda_backend._Arena.KEYS + 10), dtype=torch.int32))
+    first = arena.block(("old", 0), 32)
+    for i in range(cuda_backend._Arena.KEYS):
+        arena.block(("k", i), 32)
+    assert ("old", 0) not in arena.blocks
+    again = arena.block(("old", 0), 32)
+    assert again is not None and again.data_ptr() != first.data_ptr()
+
+
+def test_twenty_thousand_captured_calls_fit_the_arena():
+    # The bookkeeping of the GPU serving-scale test: 100 captures x 200 calls on one stream, 4096 x 28672 at
+    # M up to 255 (4 x 112 counters): one block per capture, far inside one 16 MB arena.
+    arena = cuda_backend._Arena(torch.zeros(cuda_backend._ARENA_INTS, dtype=torch.int32))
+    for capture in range(100):
+        for i in range(200):
+            M = (capture * 200 + i) * 37 % 255 + 1
+            assert arena.block((capture, 0), -(-M // 64) * -(-28672 // 256)) is not None
+    assert arena.next <= 100 * 2 * 448 and arena.free() > 0.9 * cuda_backend._ARENA_INTS
+
+
+def test_tuning_default_and_the_pdl_switch():
+    assert len(cuda_backend.TUNING) == 5
+    assert cuda_backend._default_tuning({}) == (0, 0, 0, 0, 0)
+    assert cuda_backend._default_tuning({"W4A16_CUDA_PDL": "0"})[3] == 1  # plain launches
+    assert cuda_backend._default_tuning({"W4A16_CUDA_PDL": "1"})[3] == 0
 
 
 # ---------------------------------------------------------------- CPU: dispatch rules

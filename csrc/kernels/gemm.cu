@@ -9,8 +9,8 @@
 
 namespace w4a16 {
 namespace gemm {
-extern template cudaError_t launch_gemm_t<__half>(const KParams&, int, bool, int, cudaStream_t, int*);
-extern template cudaError_t launch_gemm_t<__nv_bfloat16>(const KParams&, int, bool, int, cudaStream_t, int*);
+extern template cudaError_t launch_gemm_t<__half>(const KParams&, int, bool, int, bool, cudaStream_t, int*);
+extern template cudaError_t launch_gemm_t<__nv_bfloat16>(const KParams&, int, bool, int, bool, cudaStream_t, int*);
 }  // namespace gemm
 
 namespace {
@@ -21,6 +21,9 @@ int cdiv(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
 // only. Measured (H100, notes/cuda.md run 9): 3-7% faster at M = 32 on 6 shapes, 1-10% slower or equal at M = 1/16.
 constexpr bool f32_scale_default(int mb) { return mb == 2; }
 
+// L2 prefetch distance (iterations ahead of the compute) on sm_90 by default; GemmTuning.prefetch overrides it.
+constexpr int kPrefetchDefault = 0;
+
 int log2_exact(int v) {
   int s = 0;
   while ((1 << s) < v) ++s;
@@ -29,7 +32,8 @@ int log2_exact(int v) {
 
 }  // namespace
 
-cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, const GemmTuning& tuning, GemmPlan* plan) {
+cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int cc_major, const GemmTuning& tuning,
+                      GemmPlan* plan) {
   GemmPlan pl{};
   const int m16 = cdiv(M, 16);
   pl.m_chunks = cdiv(m16, 4);
@@ -38,8 +42,9 @@ cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, const 
   pl.f32s = pl.mb <= 2 && (tuning.scaling == 2 || (tuning.scaling == 0 && f32_scale_default(pl.mb))) ? 1 : 0;
   int occupancy = 0;
   gemm::KParams none{};
-  const cudaError_t err = bf16 ? gemm::launch_gemm_t<__nv_bfloat16>(none, pl.mb, pl.f32s != 0, 0, nullptr, &occupancy)
-                               : gemm::launch_gemm_t<__half>(none, pl.mb, pl.f32s != 0, 0, nullptr, &occupancy);
+  const cudaError_t err =
+      bf16 ? gemm::launch_gemm_t<__nv_bfloat16>(none, pl.mb, pl.f32s != 0, 0, false, nullptr, &occupancy)
+           : gemm::launch_gemm_t<__half>(none, pl.mb, pl.f32s != 0, 0, false, nullptr, &occupancy);
   if (err != cudaSuccess) return err;
   pl.blocks_per_sm = tuning.bps > 0 && tuning.bps < occupancy ? tuning.bps : occupancy;
   pl.slabs = gemm::slabs_of(pl.mb);
@@ -65,6 +70,10 @@ cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, const 
   pl.ws_floats = (pl.ipb % pl.k_iters) ? (int64_t)pl.grid * 2 * pl.rows_alloc * gemm::kTileN : 0;
   pl.locks = (int64_t)pl.m_chunks * pl.n_cols;
   pl.smem_bytes = gemm::smem_bytes_of(pl.mb);
+  // griddepcontrol and bulk L2 prefetches exist from sm_90 on (the kernel compiles them out below it).
+  const bool sm90 = cc_major >= 9;
+  pl.pdl = sm90 && tuning.pdl != 1 ? 1 : 0;
+  pl.pf = !sm90 || tuning.prefetch < 0 ? 0 : tuning.prefetch > 0 ? tuning.prefetch : kPrefetchDefault;
   (void)G;
   *plan = pl;
   return cudaSuccess;
@@ -95,9 +104,11 @@ cudaError_t launch_gemm(const GemmArgs& a, const GemmPlan& pl, float* ws, int* l
   kp.ipb = pl.ipb;
   kp.rows_alloc = pl.rows_alloc;
   kp.evict_first = pl.m_chunks == 1;
+  kp.pf = pl.pf;
   if (a.M <= 0 || pl.total <= 0) return cudaSuccess;
-  if (a.bf16) return gemm::launch_gemm_t<__nv_bfloat16>(kp, pl.mb, pl.f32s != 0, pl.grid, stream, nullptr);
-  return gemm::launch_gemm_t<__half>(kp, pl.mb, pl.f32s != 0, pl.grid, stream, nullptr);
+  const bool pdl = pl.pdl != 0;
+  if (a.bf16) return gemm::launch_gemm_t<__nv_bfloat16>(kp, pl.mb, pl.f32s != 0, pl.grid, pdl, stream, nullptr);
+  return gemm::launch_gemm_t<__half>(kp, pl.mb, pl.f32s != 0, pl.grid, pdl, stream, nullptr);
 }
 
 // ---------------------------------------------------------------- dequantize

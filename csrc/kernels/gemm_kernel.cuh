@@ -53,6 +53,7 @@ struct KParams {
   int G;
   int k_iters, n_cols, total, ipb, rows_alloc;
   int evict_first;       // 1: weights are read once (one M chunk): ask L2 to evict them first
+  int pf;                // L2 prefetch distance in iterations (0: none; sm_90 only)
 };
 
 // ---------------------------------------------------------------- PTX helpers
@@ -85,6 +86,29 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Asks L2 to fetch [src, src + bytes) (bytes % 16 == 0, src 16-byte aligned) without waiting. A hint only: it
+// changes no value any load returns, so it may run before griddepcontrol.wait whatever the previous kernel writes.
+__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
+#endif
+}
+
+// Programmatic dependent launch (sm_90; no-ops when the launch did not ask for it). wait: returns once the
+// kernels this one depends on have finished and their writes are visible; launch_dependents: the next kernel
+// launched with programmatic stream serialization may start (it still waits for all of this one before reading).
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void grid_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ uint64_t evict_first_policy() {
@@ -298,6 +322,19 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
     ld_mc = c0 / p.n_cols;
     ld_nc = c0 - ld_mc * p.n_cols;
   }
+  // L2 prefetch of iteration (pf_kit, pf_nc)'s weights, p.pf iterations ahead of the compute (beyond the cp.async
+  // ring, so more bytes are in flight per SM without shared memory): one bulk prefetch per 16-row slab, each the
+  // block's (up to) 4 adjacent 512-byte tiles, issued by SLABS threads.
+  int pf_kit = ld_kit, pf_nc = ld_nc;
+  auto prefetch_next = [&]() {
+    const int kt = pf_kit * SLABS + tid, tiles = min(kWarps, p.Nt - pf_nc * kWarps);
+    if (tid < SLABS && kt < p.Kt && tiles > 0)
+      prefetch_l2(p.qweight + kt * q_row + (size_t)pf_nc * kWarps * 32, tiles * 512);
+    if (++pf_kit == p.k_iters) {
+      pf_kit = 0;
+      if (++pf_nc == p.n_cols) pf_nc = 0;
+    }
+  };
   auto load_stage = [&](int slot) {
     const int kit = ld_kit, nc = ld_nc, mc = ld_mc;
     if (++ld_kit == p.k_iters) {
@@ -542,7 +579,11 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
       }
   };
 
-  // --- the pipeline
+  // --- the pipeline. Before the dependency wait only L2 prefetches of the weights (read-only hints); x, scales,
+  // zeros, the workspace, the counters and out are touched after it (a previous kernel may write any of them).
+  for (int i = 0; i < p.pf && start + i < end; ++i) prefetch_next();
+  grid_dependency_wait();
+  grid_launch_dependents();  // the next layer's blocks may take SMs as ours retire and start their prefetches
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (start + s < end) load_stage(s);
@@ -555,6 +596,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
     __syncthreads();  // stage `slot` is visible to all; everyone is done with the slot refilled next
     if (it + STAGES - 1 < end) load_stage(slot == 0 ? STAGES - 1 : slot - 1);
     cp_async_commit();
+    if (it + p.pf < end && p.pf > 0) prefetch_next();
     if (nc * kWarps + warp < p.Nt) {  // a warp past the last 64-column tile idles
       if (multi_row)
         compute_stage(slot, std::true_type{});
@@ -613,8 +655,10 @@ cudaError_t prepare_cfg(int* blocks_per_sm) {
   return cudaSuccess;
 }
 
+// pdl: launch with programmatic stream serialization (sm_90 only: the caller checks the device), so this kernel's
+// blocks may start while the previous kernel in the stream finishes (the kernel waits before reading its inputs).
 template <typename T, int MB, bool F32S>
-cudaError_t launch_cfg(const KParams& kp, int grid, cudaStream_t stream, int* blocks_per_sm) {
+cudaError_t launch_cfg(const KParams& kp, int grid, bool pdl, cudaStream_t stream, int* blocks_per_sm) {
   int n = 0;
   cudaError_t err = prepare_cfg<T, MB, F32S>(&n);
   if (err != cudaSuccess) return err;
@@ -622,21 +666,31 @@ cudaError_t launch_cfg(const KParams& kp, int grid, cudaStream_t stream, int* bl
     *blocks_per_sm = n;
     return cudaSuccess;
   }
-  gemm_kernel<T, MB, F32S><<<grid, kThreads, Cfg<MB>::SMEM_BYTES, stream>>>(kp);
-  return cudaGetLastError();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = Cfg<MB>::SMEM_BYTES;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, gemm_kernel<T, MB, F32S>, kp);
 }
 
 // The instances of one dtype (defined in gemm_f16.cu / gemm_bf16.cu): MB = 1..4, and fp32 group scaling (f32s) at
 // MB <= 2 (ignored above). With blocks_per_sm set, only reports how many blocks of the instance fit on one SM.
 template <typename T>
-cudaError_t launch_gemm_t(const KParams& kp, int mb, bool f32s, int grid, cudaStream_t stream, int* blocks_per_sm) {
+cudaError_t launch_gemm_t(const KParams& kp, int mb, bool f32s, int grid, bool pdl, cudaStream_t stream,
+                          int* blocks_per_sm) {
   switch (mb * 2 + (f32s && mb <= 2 ? 1 : 0)) {
-    case 2: return launch_cfg<T, 1, false>(kp, grid, stream, blocks_per_sm);
-    case 3: return launch_cfg<T, 1, true>(kp, grid, stream, blocks_per_sm);
-    case 4: return launch_cfg<T, 2, false>(kp, grid, stream, blocks_per_sm);
-    case 5: return launch_cfg<T, 2, true>(kp, grid, stream, blocks_per_sm);
-    case 6: return launch_cfg<T, 3, false>(kp, grid, stream, blocks_per_sm);
-    case 8: return launch_cfg<T, 4, false>(kp, grid, stream, blocks_per_sm);
+    case 2: return launch_cfg<T, 1, false>(kp, grid, pdl, stream, blocks_per_sm);
+    case 3: return launch_cfg<T, 1, true>(kp, grid, pdl, stream, blocks_per_sm);
+    case 4: return launch_cfg<T, 2, false>(kp, grid, pdl, stream, blocks_per_sm);
+    case 5: return launch_cfg<T, 2, true>(kp, grid, pdl, stream, blocks_per_sm);
+    case 6: return launch_cfg<T, 3, false>(kp, grid, pdl, stream, blocks_per_sm);
+    case 8: return launch_cfg<T, 4, false>(kp, grid, pdl, stream, blocks_per_sm);
   }
   return cudaErrorInvalidValue;
 }

@@ -41,20 +41,26 @@ struct GemmPlan {
   int64_t ws_floats;  // float workspace the launch needs (0: no column is split between blocks)
   int64_t locks;      // int32 counters the launch needs, all zero before and after it
   int smem_bytes;
+  int pdl;            // 1: launched with programmatic stream serialization (sm_90)
+  int pf;             // L2 prefetch distance in iterations (0: none)
 };
 
 // Overrides of the partition's measured defaults (0 = default), for timing sweeps and tests. bps: at most this many
 // blocks per SM; max_splits: at most this many blocks per column; scaling: 1 = scale the 16-bit weights, 2 = scale
-// fp32 partial sums per stage (MB <= 2).
+// fp32 partial sums per stage (MB <= 2); pdl: 1 = plain launch, 2 (or 0) = programmatic dependent launch on sm_90;
+// prefetch: -1 = no L2 prefetch, n > 0 = prefetch the weights n iterations ahead (sm_90).
 struct GemmTuning {
   int bps = 0;
   int max_splits = 0;
   int scaling = 0;
+  int pdl = 0;
+  int prefetch = 0;
 };
 
-// The partition of one call on the current device. num_sms: its multiprocessors. Sets the kernel's shared-memory
-// attribute (once per device), launches nothing.
-cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, const GemmTuning& tuning, GemmPlan* plan);
+// The partition of one call on the current device. num_sms: its multiprocessors; cc_major: its compute capability's
+// major number. Sets the kernel's shared-memory attribute (once per device), launches nothing.
+cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int cc_major, const GemmTuning& tuning,
+                      GemmPlan* plan);
 
 // ws: ws_floats floats (any contents); locks: plan.locks zeros (left zero). Asynchronous on stream.
 cudaError_t launch_gemm(const GemmArgs& args, const GemmPlan& plan, float* ws, int* locks, cudaStream_t stream);

@@ -1,6 +1,9 @@
 """CUDA C++ backend: the Marlin-class kernel in csrc/kernels/gemm*.cu, compiled by setup.py into w4a16_ops._C.
 
-Two strategies, chosen by M inside gemm():
+Three strategies, chosen by M inside gemm():
+- sm_90 with the sm_90a build, SM90_MIN_M <= M < SM90_MAX_M: the wgmma kernel (torch.ops.w4a16._cuda_gemm_sm90,
+  csrc/kernels/sm90_gemm.cuh): dequantized weights as wgmma's register operand, x from swizzled shared memory,
+  deterministic split-K when the output tiles cannot fill the GPU. Serves every shape the format allows.
 - M < DEQUANT_MIN_M: the fused kernel (torch.ops.w4a16._cuda_gemm): cp.async pipeline, lop3 dequantization,
   mma.sync, striped partition over all SMs with a deterministic cross-block reduction. Serves every shape the
   format allows (N % 64 != 0 by masking, K tails by zero-filled x; K % 8 != 0 by padding x).
@@ -8,10 +11,17 @@ Two strategies, chosen by M inside gemm():
 
 The lock counters the fused kernel needs are zero before and after every launch (the kernel resets them), so they
 are allocated once and reused. Eager calls use one buffer per (device, stream), so concurrent streams never share
-one. A call captured into a CUDA graph gets its own slice of a per-device arena zeroed at the first eager call, so
-two graphs (even captured on one stream) replayed at once, or a replay next to eager calls, never share counters
-and the graph records no memset; only when the arena is used up (or the very first call on a device is captured)
-does a captured call get a zeroed buffer of its own, whose memset is recorded in the graph.
+one. Captured calls take their counters from a per-device arena zeroed outside any capture: one block per (capture,
+capturing stream), shared by that capture's calls on that stream (they run one after another in every replay, as
+they would eagerly), never by two captures. So two graphs (even captured on one stream) replayed at once, or a
+replay next to eager calls, never share counters, and the graph records no memset. An eager call replaces the
+arena with a fresh one when a quarter of it is left (the old one stays alive for the graphs that use it), so a
+server capturing thousands of graphs keeps finding room; only a capture that finds the arena used up (or the very
+first call on a device, if captured) gets a zeroed buffer of its own, whose memset is recorded in the graph.
+
+On sm_90 the fused kernel is launched with programmatic dependent launch (PDL): its blocks may start while the
+previous kernel in the stream finishes, prefetch their first weights into L2, and wait (griddepcontrol.wait) before
+reading anything a previous kernel may write. TUNING's pdl field (or W4A16_CUDA_PDL=0 at import) turns it off.
 
 Weights that are contiguous but not 16-byte aligned (a view at an odd offset into a flat buffer) are copied to
 aligned storage per call (the kernels read them with 16-byte loads). The dense GEMM of the large-M path runs with
@@ -20,7 +30,9 @@ fp16/bf16 reduced-precision reductions disallowed, so it accumulates in fp32 lik
 
 from __future__ import annotations
 
+import collections
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -34,8 +46,19 @@ NAME = "cuda"
 # measured layer, at M = 128 not on the large ones; notes/cuda.md).
 DEQUANT_MIN_M = 256
 # Overrides of the fused kernel's partition for timing sweeps and tests (0 = the measured default; GemmTuning in
-# csrc/kernels/launchers.h): blocks per SM, most blocks per column, scaling (1: 16-bit weights, 2: fp32 partial sums).
-TUNING = (0, 0, 0)
+# csrc/kernels/launchers.h): blocks per SM, most blocks per column, scaling (1: 16-bit weights, 2: fp32 partial sums),
+# pdl (1: plain launches, 2: programmatic dependent launch on sm_90), L2 prefetch distance (-1: none).
+def _default_tuning(env=os.environ) -> tuple:
+    return (0, 0, 0, 1 if env.get("W4A16_CUDA_PDL", "") == "0" else 0, 0)
+
+
+TUNING = _default_tuning()
+
+# The wgmma kernel's M range on sm_90 (csrc/kernels/sm90_gemm.cuh; notes/sm90.md has the measurements), and its
+# partition overrides for tests and sweeps (0 = default): K slices, rows of M per block (64 or 128).
+SM90_MIN_M = 64
+SM90_MAX_M = 1 << 31
+SM90_TUNING = (0, 0)
 
 _GROUPS = (32, 64, 128, 256)
 
@@ -45,6 +68,23 @@ def availability() -> Optional[str]:
     from .._build import extension_status
 
     return extension_status()
+
+
+@functools.lru_cache(maxsize=None)
+def sm90_built() -> bool:
+    """Whether the extension holds sm_90a code (the wgmma kernel): TORCH_CUDA_ARCH_LIST named 9.0a at build time."""
+    try:
+        from .._build_info import ARCHS
+    except ImportError:
+        return False
+    return "9.0a" in (ARCHS or "").replace(" ", ";").split(";")
+
+
+def uses_sm90(p) -> bool:
+    """Whether gemm() runs p on the wgmma kernel (pure, given the build)."""
+    return (
+        p.capability is not None and p.capability[0] == 9 and SM90_MIN_M <= p.M < SM90_MAX_M and sm90_built()
+    )
 
 
 def unsupported_reason(p) -> Optional[str]:
@@ -66,22 +106,61 @@ def unsupported_reason(p) -> Optional[str]:
 
 
 _LOCKS_PER_BUFFER = 1 << 16  # counters per eager buffer (grown when a call needs more)
-_ARENA_INTS = 1 << 22  # 16 MB per device: about 9000 captured calls of 8192 x 28672 at M < 256
+_ARENA_INTS = 1 << 22  # 16 MB per device arena for captured calls (replaced by a fresh one when 1/4 is left)
 _locks_cache: dict = {}  # (device index, stream) -> int32 buffer, all zero between launches
-_locks_arena: dict = {}  # device index -> [zeroed int32 tensor, next free offset]
+_locks_arena: dict = {}  # device index -> _Arena
+_captured_memsets = 0  # captured calls that found no arena room and recorded a memset of their own counters
+
+
+class _Arena:
+    """Zeroed int32 counters handed out in blocks, one per key (capture id, stream), never one block to two keys.
+
+    A key's block is reused by later calls under the same key that need no more counters; a call that needs more
+    gets a new block (the old one is not handed out again). Pure bookkeeping on a tensor: CPU-testable."""
+
+    KEYS = 512  # keys remembered (a capture's key is dead once it ends; forgetting one only costs a new block)
+
+    def __init__(self, buf: torch.Tensor):
+        self.buf = buf
+        self.next = 0
+        self.blocks: collections.OrderedDict = collections.OrderedDict()
+
+    def free(self) -> int:
+        return self.buf.numel() - self.next
+
+    def block(self, key, n: int) -> Optional[torch.Tensor]:
+        """n zeroed counters for key (None: used up)."""
+        blk = self.blocks.get(key)
+        if blk is not None and blk.numel() >= n:
+            return blk
+        size = -(-max(n, 1) // 32) * 32  # blocks 128-byte aligned
+        if self.next + size > self.buf.numel():
+            return None
+        blk = self.buf[self.next : self.next + size]
+        self.next += size
+        self.blocks[key] = blk
+        while len(self.blocks) > self.KEYS:
+            self.blocks.popitem(last=False)
+        return blk
 
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
     if torch._C._cuda_isCurrentStreamCapturing():  # the torch.cuda wrappers cost microseconds per call
         arena = _locks_arena.get(device.index)
-        if arena is not None and arena[1] + n <= arena[0].numel():
-            start = arena[1]
-            arena[1] += -(-n // 32) * 32  # slices 128-byte aligned; never handed out twice
-            return arena[0][start : start + n]
+        if arena is not None:
+            key = (torch.ops.w4a16._cuda_capture_id(), torch._C._cuda_getCurrentRawStream(device.index))
+            blk = arena.block(key, n)
+            if blk is not None:
+                return blk
         # Memory allocated during a capture belongs to the graph: this call only (its memset is recorded).
+        global _captured_memsets
+        _captured_memsets += 1
         return torch.zeros(n, dtype=torch.int32, device=device)
-    if device.index not in _locks_arena:
-        _locks_arena[device.index] = [persistent_zeros(device, _ARENA_INTS), 0]
+    arena = _locks_arena.get(device.index)
+    if arena is None or arena.free() < max(arena.buf.numel() // 4, n):
+        if arena is not None:
+            retire(arena.buf)  # graphs captured earlier keep using their blocks in it
+        _locks_arena[device.index] = _Arena(persistent_zeros(device, max(_ARENA_INTS, 4 * n)))
     key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
     buf = _locks_cache.get(key)
     if buf is None or buf.numel() < n:
@@ -109,6 +188,9 @@ def _x_ready(x2d: torch.Tensor) -> torch.Tensor:
 
 def gemm(x2d, qweight, scales, zeros, p, out):
     qweight, scales, zeros = _aligned(qweight), _aligned(scales), _aligned(zeros)
+    if uses_sm90(p):
+        torch.ops.w4a16._cuda_gemm_sm90(_x_ready(x2d), qweight, scales, zeros, out, *SM90_TUNING)
+        return
     if p.M >= DEQUANT_MIN_M:
         w = torch.empty((p.K, p.N), dtype=x2d.dtype, device=x2d.device)
         torch.ops.w4a16._cuda_dequantize(qweight, scales, zeros, w)
