@@ -105,16 +105,21 @@ class W4A16Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         in_dtype = x.dtype
-        if in_dtype != self.scales.dtype:
-            x = x.to(self.scales.dtype)
-        if self.perm is not None:
-            x = x.index_select(-1, self.perm)
-        y = torch.ops.w4a16.gemm(x, self.qweight, self.scales, self.zeros)
+        y = self._matmul(x)
         if self.bias is not None:
             y = y + self.bias
         if y.dtype != in_dtype:
             y = y.to(in_dtype)
         return y
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        """x @ W^T in the scales' dtype, without the bias (row-parallel subclasses add it after their
+        all-reduce, w4a16_ops.parallel)."""
+        if x.dtype != self.scales.dtype:
+            x = x.to(self.scales.dtype)
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
+        return torch.ops.w4a16.gemm(x, self.qweight, self.scales, self.zeros)
 
     # -- construction --------------------------------------------------------------------------
 
