@@ -5,7 +5,8 @@ a pure-Python package otherwise. Install with the torch you run:
 
 Environment:
     W4A16_BUILD_CUDA=1|0     force the CUDA build on (fail if impossible) or off; default: auto
-    TORCH_CUDA_ARCH_LIST     e.g. "9.0"; default "8.0;9.0" (the SMs the kernels target)
+    TORCH_CUDA_ARCH_LIST     e.g. "9.0a"; default "8.0;9.0a" (the SMs the kernels target; the wgmma kernel
+                             for M >= 64 on H100/H200 needs 9.0a, a plain 9.0 build runs the sm_80-class kernels)
     MAX_JOBS                 parallel nvcc jobs (read by torch.utils.cpp_extension)
 """
 
@@ -18,7 +19,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0"
+DEFAULT_ARCHS = "8.0;9.0a"  # 9.0a: Hopper with its own instructions (wgmma), which the sm90 kernel needs
 
 
 def _nvcc_version(nvcc):
