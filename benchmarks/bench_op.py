@@ -27,6 +27,7 @@ import argparse
 import csv
 import datetime
 import os
+import statistics
 import time
 from typing import List, NamedTuple, Optional
 
@@ -37,7 +38,7 @@ from w4a16_ops.dispatch import forced
 from . import contenders as contenders_mod
 from . import report
 from .contenders import contenders
-from .timing import measure_copy_bandwidth, measure_matmul_rate, time_rotating
+from .timing import measure_copy_bandwidth, measure_matmul_rate, prepare, time_interleaved
 
 # (label, K, N)
 SHAPES = {
@@ -203,8 +204,8 @@ def estimate_seconds(pts: List[Point], kernels: List[str], reps: int, point_budg
     runs every weight copy once; copies: 3x L2, 2..64)."""
     total = START_S + (COMPILE_S * _triton_compiles(pts) if "w4a16_triton" in kernels or "w4a16_auto" in kernels else 0)
     for p in pts:
-        for k in kernels:
-            if skip_reason(k, p.M, int4_max_m) or k in ("gemlite", "conch"):  # peers: absent on the device
+        for k in kernels + (["dense"] if "dense" in kernels else []):  # dense is timed twice (the noise twin)
+            if skip_reason(k, p.M, int4_max_m) or k in ("gemlite", "conch", "humming"):  # peers: absent on the device
                 continue
             wb = kernel_bytes(k, 0, p.K, p.N, p.G, False)
             n = max(2, min(64, int(3 * hw["l2"] / wb) + 1))
@@ -304,41 +305,59 @@ def main(argv=None) -> None:
     print(f"wrote {args.out}/bench_op.csv, bench_op.md, bench_op.png ({meta['elapsed_s']} s)")
 
 
+NOISE_TWIN = "dense#2"  # the dense matmul timed a second time (its own graph): the point's noise
+
+
 def measure_point(rows, meta, p: Point, names, all_kernels, args) -> None:
+    """Every kernel of the point set up and captured first, then timed interleaved (one replay of each per
+    repetition), the dense matmul twice; the two dense medians go to meta['noise']."""
     dtype = getattr(torch, p.dtype)
     K, N, G, M = p.K, p.N, p.G, p.M
     flops = 2 * M * N * K
     floor_us = max(kernel_bytes("w4a16", M, K, N, G, args.zeros) / (meta["copy_bw_TBps"] * 1e12),
                    flops / (meta["dense_TFLOPs"] * 1e12)) * 1e6
-    base = None
-
-    def add(name, t, note):
-        kb = kernel_bytes(name, M, K, N, G, args.zeros)
-        rows.append(report.row(meta, p.shape, K, N, G, M, dtype, name, t, base, floor_us, note, flops=flops, nbytes=kb))
-
+    results = {}  # name -> (time or None, note)
+    runs = {}
     for name in names:
         why = skip_reason(name, M, args.int4_max_m)
         if why is not None:
-            add(name, None, why)
+            results[name] = (None, why)
             continue
-        calls = None
         try:
             calls = all_kernels[name](M, K, N, G, dtype)
             if isinstance(calls, str):
-                add(name, None, calls)
+                results[name] = (None, calls)
                 continue
             with forced(name[len("w4a16_"):] if name.startswith("w4a16_") else "auto"):
-                t = time_rotating(calls, reps=args.reps, budget_s=args.point_budget_s)
+                runs[name] = (prepare(calls), len(calls))
+                if name == "dense":
+                    runs[NOISE_TWIN] = (prepare(calls), len(calls))
         except Exception as e:  # one kernel failing (out of memory, a peer's bug) is a row, not the end of the run
-            add(name, None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-            continue
+            results[name] = (None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
         finally:
-            del calls
-            torch.cuda.empty_cache()
-        if name == "dense":
-            base = t
-        add(name, t, "")
+            calls = None
+    try:
+        times = time_interleaved(runs, reps=args.reps, budget_s=args.point_budget_s)
+        for name, ts in times.items():
+            results[name] = (statistics.median(ts), "")
+    except Exception as e:
+        for name in runs:
+            results[name] = (None, f"failed while timing: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    finally:
+        runs = None
+        torch.cuda.empty_cache()
+    base = results.get("dense", (None, ""))[0]
+    twin = results.pop(NOISE_TWIN, (None, ""))[0]
+    if base is not None and twin is not None:
+        meta.setdefault("noise", []).append((p.dtype, p.shape, M, base, twin))
+    for name in names:
+        t, note = results[name]
+        kb = kernel_bytes(name, M, K, N, G, args.zeros)
+        rows.append(report.row(meta, p.shape, K, N, G, M, dtype, name, t, base, floor_us, note, flops=flops, nbytes=kb))
     report.print_point(rows, p.shape, M, dtype, G)
+    if base is not None and twin is not None:
+        print(f"{'':18s} noise: dense timed twice {base:.2f} / {twin:.2f} us "
+              f"({abs(base - twin) / min(base, twin):.1%})", flush=True)
 
 
 def write_outputs(rows, meta, out, plot):

@@ -4,7 +4,7 @@ A contender's setup returns the list of calls (one per weight copy) or a string 
 cannot run this point. Weights are made once per (K, N, G, dtype) and reused across M (the M sweep
 would otherwise repack them for every kernel and every M); clear_cache() frees them.
 
-Third-party W4A16 kernels (gemlite, conch-triton-kernels) run only when importable (pip install
+Third-party W4A16 kernels (gemlite, conch-triton-kernels, humming-kernels) run only when importable (pip install
 .[bench]), each set up as its own documentation shows, and each output is checked against the
 same weights dequantized before it is timed: a kernel used wrongly is reported, never timed.
 """
@@ -205,6 +205,43 @@ def conch(zeros: bool = False):
     return setup
 
 
+def humming(zeros: bool = False):
+    """humming-kernels' HummingLayer (JIT-compiled CUDA, NVRTC), loaded the way its layer code and vLLM's
+    HummingLinearKernel load a GPTQ checkpoint: HummingLayer(shape_n, shape_k, weight_config={"quant_method":
+    "gptq", "bits": 4, "group_size": G, "sym": True}, torch_dtype), load_from_tensors({"qweight": int32 [K // 8, N]
+    (eight k per word, the pack_rows layout), "scales": [K // G, N]}), transform(), then layer(x) with its own
+    kernel choice. sym = True is uint4 with the bias 8, w = (q - 8) * s (this package's symmetric weights)."""
+
+    def setup(M, K, N, G, dtype) -> Union[Calls, str]:
+        try:
+            from humming.layer import HummingLayer
+        except ImportError as e:
+            return f"not installed (pip install humming-kernels): {e}"
+        if zeros:
+            return "zero-point weights not set up for humming (GPTQ qzeros conventions differ; symmetric only here)"
+        if K % 8 or K % G or N % 8:
+            return f"humming's GPTQ layout needs K % 8 == 0, N % 8 == 0 and G dividing K (K = {K}, N = {N}, G = {G})"
+        q, scales, _ = _logical(K, N, G, dtype, zeros)
+        try:
+            w = _pack_rows_k(q.t())
+            layers = []
+            for _ in range(copies_needed(w.numel() * 4)):
+                layer = HummingLayer(shape_n=N, shape_k=K, torch_dtype=dtype,
+                                     weight_config={"quant_method": "gptq", "bits": 4, "group_size": G, "sym": True,
+                                                    "desc_act": False}).cuda()
+                layer.load_from_tensors({"qweight": w, "scales": scales})
+                layer.transform()
+                layers.append(layer)
+            x = torch.randn(M, K, dtype=dtype, device="cuda")
+            with torch.no_grad():
+                why = _check_peer("humming", layers[0](x), x, K, N, G, dtype, zeros)
+        except Exception as e:  # a peer's failure is a row, not the end of the run
+            return f"humming failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return why or [lambda m=m: m(x) for m in layers]
+
+    return setup
+
+
 def contenders(with_reference: bool = False, zeros: bool = False):
     out = {"dense": dense, "torch_int4": torch_int4, "w4a16_auto": w4a16("auto", zeros)}
     for name in BACKENDS:
@@ -212,4 +249,5 @@ def contenders(with_reference: bool = False, zeros: bool = False):
             out[f"w4a16_{name}"] = w4a16(name, zeros)
     out["gemlite"] = gemlite(zeros)
     out["conch"] = conch(zeros)
+    out["humming"] = humming(zeros)
     return out

@@ -93,6 +93,8 @@ def write_markdown(rows, meta, path):
     ]
     if meta.get("policy"):
         lines += [""] + [f"- {p}" for p in meta["policy"]]
+    if meta.get("noise"):
+        lines += ["", noise_line(meta["noise"])]
     if meta.get("stopped"):
         lines += ["", f"**{meta['stopped']}**"]
     if meta.get("elapsed_s") is not None:
@@ -120,6 +122,18 @@ def write_markdown(rows, meta, path):
         lines += ["", "Not run:"] + [f"- {k}: {n}" for k, n in notes]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def noise_line(noise) -> str:
+    """noise: [(dtype, shape, M, t1, t2)], the dense matmul timed twice per point (two graphs, interleaved)."""
+    diffs = [(abs(a - b) / min(a, b), f"{d} {s} M={m}") for d, s, m, a, b in noise if min(a, b) > 0]
+    if not diffs:
+        return ""
+    vals = sorted(v for v, _ in diffs)
+    worst = max(diffs)
+    return (f"Noise of this run: the dense matmul was timed twice at every point (two CUDA graphs, all kernels of a "
+            f"point interleaved rep by rep): the two medians differ by {100 * vals[len(vals) // 2]:.1f}% (median over "
+            f"{len(vals)} points), at most {100 * worst[0]:.1f}% ({worst[1]}). Differences below that are noise.")
 
 
 def _auto_section(rows):

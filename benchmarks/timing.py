@@ -3,12 +3,14 @@
 Every call reads a different copy of the weights (the copies together exceed the L2 several
 times over), as consecutive layers of a model do, so no call finds its weights in L2 and nothing
 is written to flush it. The calls are captured in one CUDA graph so launch gaps do not count.
+The op benchmark times the kernels of one point interleaved (time_interleaved: one replay of each per
+repetition) and the dense matmul twice (two graphs), so its report states the run's own noise.
 """
 
 from __future__ import annotations
 
 import statistics
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -29,17 +31,9 @@ def packed_copies(packed) -> list:
     return [packed] + [type(packed)(*(t if t is None else t.clone() for t in packed)) for _ in range(n - 1)]
 
 
-def time_rotating(
-    calls: Sequence[Callable[[], object]],
-    reps: int = 20,
-    warmup: int = 3,
-    graph: bool = True,
-    budget_s: Optional[float] = None,
-    min_reps: int = 5,
-) -> float:
-    """Median microseconds per call. calls[i] touches weight copy i; all of them run per repetition.
-    budget_s: stop repeating once the timed repetitions took this long (but not before min_reps), so
-    that slow points (large M) do not cost reps x seconds."""
+def prepare(calls: Sequence[Callable[[], object]], warmup: int = 3, graph: bool = True) -> Callable[[], None]:
+    """A run() that makes every call once (a CUDA-graph replay when graph), after warm-up. calls[i] touches weight
+    copy i."""
     for _ in range(warmup):  # compile / autotune-free warm-up and allocator settling
         for c in calls:
             c()
@@ -64,16 +58,48 @@ def time_rotating(
 
     for _ in range(warmup):
         run()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-        if budget_s is not None and len(times) >= min_reps and sum(times) * len(calls) * 1e-6 >= budget_s:
+    return run
+
+
+def _time_once(run: Callable[[], None]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3
+
+
+def time_interleaved(runs: Dict[str, Tuple[Callable[[], None], int]], reps: int = 20,
+                     budget_s: Optional[float] = None, min_reps: int = 5) -> Dict[str, List[float]]:
+    """Microseconds per call of each run, repetition by repetition: each repetition runs every entry once, in
+    turn, so a GPU whose clock drifts during the point favours none. runs: name -> (run, calls per run).
+    budget_s: per entry, as in time_rotating (the repetitions stop once all together took budget_s x entries)."""
+    times: Dict[str, List[float]] = {k: [] for k in runs}
+    total = 0.0
+    for r in range(reps):
+        for k, (run, n) in runs.items():
+            t = _time_once(run)
+            total += t * 1e-6
+            times[k].append(t / n)
+        if budget_s is not None and r + 1 >= min_reps and total >= budget_s * len(runs):
             break
+    return times
+
+
+def time_rotating(
+    calls: Sequence[Callable[[], object]],
+    reps: int = 20,
+    warmup: int = 3,
+    graph: bool = True,
+    budget_s: Optional[float] = None,
+    min_reps: int = 5,
+) -> float:
+    """Median microseconds per call. calls[i] touches weight copy i; all of them run per repetition.
+    budget_s: stop repeating once the timed repetitions took this long (but not before min_reps), so
+    that slow points (large M) do not cost reps x seconds."""
+    run = prepare(calls, warmup, graph)
+    times = time_interleaved({"k": (run, len(calls))}, reps, budget_s, min_reps)["k"]
     del run
     return statistics.median(times)
 

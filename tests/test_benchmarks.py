@@ -182,3 +182,11 @@ def test_bench_op_runs_one_point(tmp_path):
     dense = [r for r in rows if r["kernel"] == "dense"][0]
     auto = [r for r in rows if r["kernel"] == "w4a16_auto"][0]
     assert float(dense["time_us"]) > 0 and float(auto["time_us"]) > 0
+
+
+def test_noise_line_states_median_and_worst_difference():
+    from benchmarks.report import noise_line
+
+    line = noise_line([("float16", "a", 1, 10.0, 10.5), ("float16", "b", 16, 20.0, 20.0), ("float16", "c", 1, 8.0, 9.0)])
+    assert "5.0% (median over 3 points)" in line and "12.5% (float16 c M=1)" in line, line
+    assert noise_line([]) == ""
