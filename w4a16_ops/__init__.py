@@ -22,6 +22,7 @@ from .format import (
 from .ops import gemm
 from .converters import ConvertedW4A16, convert_awq, convert_compressed_tensors, convert_gptq
 from .nn import SwapReport, W4A16Linear, swap_linears
+from .pretrained import from_pretrained  # needs transformers + safetensors (the "hf" extra), imported on call
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "convert_awq",
     "convert_compressed_tensors",
     "convert_gptq",
+    "from_pretrained",
     "swap_linears",
     "Decision",
     "PackedW4A16",
