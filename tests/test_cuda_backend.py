@@ -404,6 +404,9 @@ def test_tuning_default_and_the_pdl_switch():
     assert cuda_backend._default_tuning({}) == (0, 0, 0, 0, 0)
     assert cuda_backend._default_tuning({"W4A16_CUDA_PDL": "0"})[3] == 1  # plain launches
     assert cuda_backend._default_tuning({"W4A16_CUDA_PDL": "1"})[3] == 0
+    assert cuda_backend._default_tuning({"W4A16_CUDA_PREFETCH": "-1"})[4] == -1
+    assert cuda_backend._default_tuning({"W4A16_CUDA_PREFETCH": "6"})[4] == 6
+    assert cuda_backend._default_tuning({"W4A16_CUDA_PREFETCH": "x"})[4] == 0
 
 
 # ---------------------------------------------------------------- CPU: dispatch rules

@@ -49,7 +49,10 @@ DEQUANT_MIN_M = 256
 # csrc/kernels/launchers.h): blocks per SM, most blocks per column, scaling (1: 16-bit weights, 2: fp32 partial sums),
 # pdl (1: plain launches, 2: programmatic dependent launch on sm_90), L2 prefetch distance (-1: none).
 def _default_tuning(env=os.environ) -> tuple:
-    return (0, 0, 0, 1 if env.get("W4A16_CUDA_PDL", "") == "0" else 0, 0)
+    """TUNING from the environment (A/B runs of a whole model): W4A16_CUDA_PDL=0 plain launches,
+    W4A16_CUDA_PREFETCH=n the L2 prefetch distance (-1: none)."""
+    pf = env.get("W4A16_CUDA_PREFETCH", "")
+    return (0, 0, 0, 1 if env.get("W4A16_CUDA_PDL", "") == "0" else 0, int(pf) if pf.lstrip("-").isdigit() else 0)
 
 
 TUNING = _default_tuning()
