@@ -115,7 +115,6 @@ def same_everywhere(t: torch.Tensor, what: str) -> None:
 def case_block(seed: int, kind: str, G: int, symmetric: bool, M: int = 5, uneven: bool = False) -> None:
     """An MLP or attention block: the sharded forward equals the single-process forward, and each row-
     parallel projection's replicated output is as close to the float64 reference as the op tests ask."""
-    W = dist.get_world_size()
     torch.manual_seed(seed)  # same model and input on every rank
     if kind == "mlp":
         hidden, inter = (512, 1152) if uneven else (512, 1024)
@@ -239,8 +238,9 @@ def case_group_cut_error(seed: int) -> None:
         raise AssertionError("a column split leaving N % 8 != 0 must raise ValueError")
 
 
-def case_transformers_llama(seed: int, G: int, symmetric: bool) -> None:
-    """A transformers Llama with its linears swapped, sharded by its own tp_plan (plan='auto')."""
+def case_transformers_llama(seed: int, G: int, symmetric: bool, engine: str = "torch") -> None:
+    """A transformers Llama with its linears swapped, sharded by its own tp_plan (plan='auto'); the
+    collectives run in this package's layers (engine 'torch') or in transformers' DTensor styles."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging
 
@@ -248,19 +248,27 @@ def case_transformers_llama(seed: int, G: int, symmetric: bool) -> None:
     W = dist.get_world_size()
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=W, head_dim=64, max_position_embeddings=64,
+        vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=W, head_dim=64, max_position_embeddings=64, attention_bias=True, mlp_bias=True,
     )
     model = LlamaForCausalLM(cfg).eval()
+    for m in model.modules():  # transformers initializes biases to zero: make them count
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            m.bias.data.normal_(0, 0.5)
     w4a16_ops.swap_linears(model, group_size=G, symmetric=symmetric, skip="lm_head")
     ids = torch.randint(0, cfg.vocab_size, (1, 7))
     with torch.no_grad():
         ref = model(ids).logits
-        report = tp.shard_model(model, "auto")
-        assert len(report.sharded) == 14, str(report)  # 7 projections x 2 layers
+        report = tp.shard_model(model, "auto", engine=engine)
+        assert len(report.sharded) == 7, str(report)  # q, k, v, o, gate, up, down
         assert "lm_head" in report.replicated_names and "model.embed_tokens" in report.replicated_names, str(report)
+        down = model.model.layers[0].mlp.down_proj
+        assert down.in_features == cfg.intermediate_size // W, f"down_proj holds K = {down.in_features}"
+        if engine == "transformers":
+            assert type(down) is W4A16Linear and down._hf_quantized_needs_local_tp and down._is_hooked
+            assert (down.bias is None) == (dist.get_rank() != 0), "a row shard's bias belongs to rank 0 only"
         out = model(ids).logits
-    check(out, ref, f"transformers Llama G={G} {'sym' if symmetric else 'zeros'}")
+    check(out, ref, f"transformers Llama G={G} {'sym' if symmetric else 'zeros'} engine={engine}")
     same_everywhere(out, "transformers Llama")
 
 

@@ -121,6 +121,7 @@ def test_two_ranks(tmp_path):
         ("act_order", 128, True),
         ("group_cut_error",),
         ("transformers_llama", 128, False),
+        ("transformers_llama", 64, True, "transformers"),
     ]
     spawn(2, cases, tmp_path)
 
@@ -128,5 +129,6 @@ def test_two_ranks(tmp_path):
 def test_four_ranks(tmp_path):
     cases = [("block", "mlp", 64, False), ("block", "attn", 128, True), ("block", "mlp", -1, True),
              ("block", "attn", -1, False), ("block", "mlp", 128, True, 16, True),  # 9 groups over 4: 3, 2, 2, 2
-             ("act_order", 64, False), ("group_cut_error",), ("transformers_llama", 64, True)]
+             ("act_order", 64, False), ("group_cut_error",), ("transformers_llama", 64, True),
+             ("transformers_llama", 64, False, "transformers")]
     spawn(4, cases, tmp_path)
