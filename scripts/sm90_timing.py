@@ -73,6 +73,8 @@ def main():
     ap.add_argument("--ms", default=MS)
     ap.add_argument("--variants", default="sm90,dequant,fused")
     args = ap.parse_args()
+    why = cb.availability()  # also loads the extension, which registers the private ops
+    assert why is None, why
     variants = ["fp16"] + [v for v in args.variants.split(",") if v]
     rows = []
     print(f"{'shape':>12} {'M':>5} " + " ".join(f"{v:>17}" for v in variants) + "  plan(sm90)", flush=True)

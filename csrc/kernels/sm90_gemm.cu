@@ -29,16 +29,14 @@ cudaError_t launch_t(const KParams& kp, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   if (dev >= 64 || !raised[dev]) {
     err = cudaFuncSetAttribute(gemm_kernel<T, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg<BM>::SMEM_BYTES);
-    if (err == cudaSuccess)
-      err = cudaFuncSetAttribute(reduce_kernel<T, BM>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 Cfg<BM>::OUT_BYTES + 1024);
     if (err != cudaSuccess) return err;
     if (dev < 64) raised[dev] = true;
   }
   const dim3 grid(kp.m_blocks, kp.n_blocks, kp.splits);
   gemm_kernel<T, BM><<<grid, kThreads, Cfg<BM>::SMEM_BYTES, stream>>>(kp);
   if (kp.splits > 1) {
-    reduce_kernel<T, BM><<<dim3(kp.m_blocks, kp.n_blocks), kThreads, Cfg<BM>::OUT_BYTES + 1024, stream>>>(kp);
+    const long long threads = (long long)kp.m_blocks * kp.n_blocks * kThreads * (kInst * Cfg<BM>::ACC / 4);
+    reduce_kernel<T, BM><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(kp);
   }
   return cudaGetLastError();
 }

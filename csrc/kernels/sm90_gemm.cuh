@@ -15,9 +15,11 @@
 // counters or atomics are involved.
 //
 // Pipeline. cp.async copies each 64-row k-block (weights of 4 slabs x 4 tiles, the x tile, two scale rows and two
-// zero-word rows) into a ring of kStages shared-memory stages, kStages - 1 ahead of the math. Dequantization is the
-// CUDA kernel's (gemm::Ops<T>: lop3 magic numbers, zero point pre-biased, scale in 16-bit: one rounding); the four
-// slabs of a stage get their own A registers, so the dequantization of slab s + 1 overlaps the wgmmas of slab s.
+// zero-word rows) into a ring of kStages shared-memory stages, kAhead stages ahead of the math. Dequantization is the
+// CUDA kernel's (gemm::Ops<T>: lop3 magic numbers, zero point pre-biased, scale in 16-bit: one rounding) into a ring
+// of two slabs' A registers: the dequantization of slab s overlaps the wgmmas of slab s - 1, which stay in flight
+// across the stage boundary too (the tensor cores never drain between stages). So a stage's buffer is refilled two
+// stages after it was read (kAhead = kStages - 2), when every wgmma that read it has completed.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -37,7 +39,8 @@ constexpr int kBN = 64 * kInst * kWarpgroups;       // output columns per block:
 constexpr int kTiles = kBN / 64;
 constexpr int kBK = 64;                             // K rows per stage: 4 slabs, one 128-byte x row
 constexpr int kSlabs = kBK / 16;
-constexpr int kStages = 4;
+constexpr int kStages = 5;
+constexpr int kAhead = kStages - 2;                 // stages loaded ahead of the one being computed
 constexpr int kOutPitch = kBN + 8;                  // epilogue tile row, padded against bank conflicts
 
 // Everything the kernels read, by value.
@@ -199,16 +202,19 @@ __global__ void __launch_bounds__(kThreads, Cfg<BM>::MIN_BLOCKS) gemm_kernel(con
   for (int i = 0; i < kInst; ++i) ncol[i] = tile * 64 + 16 * (2 * (warp & 1) + i) + g;
 
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < kAhead; ++s) {
     if (s < nkb) load_stage(s, kb0 + s);
     gemm::cp_async_commit();
   }
 
+  uint32_t a[2][kInst][4];  // A fragments of two slabs: one being read by wgmmas in flight, one being written
   for (int it = 0; it < nkb; ++it) {
-    gemm::cp_async_wait<kStages - 2>();
+    gemm::cp_async_wait<kAhead - 1>();
     fence_proxy_async();
-    __syncthreads();  // stage `it` landed for every thread; every warpgroup finished stage it - 1 (wgmma waited)
-    if (it + kStages - 1 < nkb) load_stage((it + kStages - 1) % kStages, kb0 + it + kStages - 1);
+    // Stage `it` landed for every thread, and every warpgroup is past slab 1 of stage it - 1, so the wgmmas of stage
+    // it - 2 are complete: its buffer, (it + kAhead) % kStages, can be refilled.
+    __syncthreads();
+    if (it + kAhead < nkb) load_stage((it + kAhead) % kStages, kb0 + it + kAhead);
     gemm::cp_async_commit();
 
     const uint8_t* st = smem + (it % kStages) * C::STAGE_BYTES;
@@ -234,40 +240,44 @@ __global__ void __launch_bounds__(kThreads, Cfg<BM>::MIN_BLOCKS) gemm_kernel(con
       }
     }
     const uint8_t* wq = st + C::X_BYTES + tile * 512 + 16 * lane + 8 * (warp & 1);
-    uint32_t a[kSlabs][kInst][4];
 #pragma unroll
     for (int s = 0; s < kSlabs; ++s) {
       const uint2 q = *reinterpret_cast<const uint2*>(wq + s * kTiles * 512);
       const uint32_t qw[2] = {q.x, q.y};
-      const int r = s >> 1;
+      const int r = s >> 1, b = s & 1;
+      wgmma_wait<1>();  // the wgmmas of slab s - 2, which read a[b], are complete
+#pragma unroll
+      for (int i = 0; i < kInst; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) pin(a[b][i][j]);
 #pragma unroll
       for (int i = 0; i < kInst; ++i) {
         uint32_t f[4];
         O::dequant(qw[i], f, zla[r][i], zha[r][i], zlb[r][i], zhb[r][i], sa[r][i], sb[r][i]);
         // B fragments of two n8 blocks (f0, f1 | f2, f3) -> A fragment rows g, g + 8 and k halves.
-        a[s][i][0] = f[0];
-        a[s][i][1] = f[2];
-        a[s][i][2] = f[1];
-        a[s][i][3] = f[3];
+        a[b][i][0] = f[0];
+        a[b][i][1] = f[2];
+        a[b][i][2] = f[1];
+        a[b][i][3] = f[3];
       }
       wgmma_fence();
       const uint64_t desc = smem_desc_sw128(xaddr + 32 * s);
 #pragma unroll
-      for (int i = 0; i < kInst; ++i) Wgmma<BM, BF16>::run(acc[i], a[s][i], desc);
+      for (int i = 0; i < kInst; ++i) Wgmma<BM, BF16>::run(acc[i], a[b][i], desc);
       wgmma_commit();
     }
-    wgmma_wait<0>();
+  }
+  wgmma_wait<0>();
 #pragma unroll
-    for (int s = 0; s < kSlabs; ++s)
-#pragma unroll
-      for (int i = 0; i < kInst; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) pin(a[s][i][j]);
+  for (int b = 0; b < 2; ++b)
 #pragma unroll
     for (int i = 0; i < kInst; ++i)
 #pragma unroll
-      for (int j = 0; j < C::ACC; ++j) pin(acc[i][j]);
-  }
+      for (int j = 0; j < 4; ++j) pin(a[b][i][j]);
+#pragma unroll
+  for (int i = 0; i < kInst; ++i)
+#pragma unroll
+    for (int j = 0; j < C::ACC; ++j) pin(acc[i][j]);
   gemm::cp_async_wait<0>();
   __syncthreads();  // the ring is free: the epilogue reuses it
 
@@ -286,31 +296,40 @@ __global__ void __launch_bounds__(kThreads, Cfg<BM>::MIN_BLOCKS) gemm_kernel(con
 #endif
 }
 
-// Split-K: adds the slices' partial sums in slice order (the same threads' registers of gemm_kernel) and stores.
+// Split-K: adds the slices' partial sums in slice order and stores them. One thread per float4 of a block's
+// registers (all tiles at once, so every SM takes part): it knows which gemm_kernel thread and registers the float4
+// came from, hence their (m, n).
 template <typename T, int BM>
-__global__ void __launch_bounds__(kThreads) reduce_kernel(const KParams p) {
+__global__ void __launch_bounds__(256) reduce_kernel(const KParams p) {
   using C = Cfg<BM>;
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = align1024(smem_raw);
-  const int mb = blockIdx.x, nb = blockIdx.y;
-  float acc[kInst][C::ACC];
-#pragma unroll
-  for (int i = 0; i < kInst; ++i)
-#pragma unroll
-    for (int j = 0; j < C::ACC; ++j) acc[i][j] = 0.f;
-  for (int s = 0; s < p.splits; ++s) {
-    const float4* src = ws_slot<BM>(p, s, mb, nb);
-#pragma unroll
-    for (int v = 0; v < kInst * C::ACC / 4; ++v) {
-      const int i = v / (C::ACC / 4), j = 4 * (v % (C::ACC / 4));
-      const float4 f = src[v * kThreads];
-      acc[i][j] += f.x;
-      acc[i][j + 1] += f.y;
-      acc[i][j + 2] += f.z;
-      acc[i][j + 3] += f.w;
-    }
+  constexpr int V = kInst * C::ACC / 4;  // float4 per gemm_kernel thread
+  const long long per_split = (long long)p.m_blocks * p.n_blocks * V * kThreads;
+  const long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= per_split) return;
+  const int tid = static_cast<int>(e % kThreads), v = static_cast<int>((e / kThreads) % V);
+  const long long blk = e / ((long long)kThreads * V);
+  const int nb = static_cast<int>(blk % p.n_blocks), mb = static_cast<int>(blk / p.n_blocks);
+  const float4* src = reinterpret_cast<const float4*>(p.ws) + e;
+  float4 sum = src[0];
+  for (int s = 1; s < p.splits; ++s) {
+    const float4 f = src[s * per_split];
+    sum.x += f.x;
+    sum.y += f.y;
+    sum.z += f.z;
+    sum.w += f.w;
   }
-  store_tile<T, BM>(p, acc, smem, mb, nb);
+  // Registers j..j + 3 of wgmma i: (n, m), (n, m + 1), (n + 8, m), (n + 8, m + 1) with m = 8 (j / 4) + 2 (lane % 4).
+  const int i = v / (C::ACC / 4), j = 4 * (v % (C::ACC / 4));
+  const int lane = tid & 31, warp = (tid >> 5) & 3, wg = tid >> 7;
+  const int n = nb * kBN + (wg * kInst + (warp >> 1)) * 64 + 16 * (2 * (warp & 1) + i) + (lane >> 2);
+  const int m = mb * BM + 8 * (j / 4) + 2 * (lane & 3);
+  T* out = static_cast<T*>(p.out);
+  const float vals[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int mm = m + (r & 1), nn = n + 8 * (r >> 1);
+    if (mm < p.M && nn < p.N) out[(long long)mm * p.ldo + nn] = w4a16::from_float<T>(vals[r]);
+  }
 }
 
 }  // namespace sm90
