@@ -272,7 +272,28 @@ def case_transformers_llama(seed: int, G: int, symmetric: bool, engine: str = "t
     same_everywhere(out, "transformers Llama")
 
 
+def case_from_pretrained(seed: int, path: str, engine: str = "torch") -> None:
+    """A checkpoint directory loaded by w4a16_ops.from_pretrained on every rank, then sharded."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    W = dist.get_world_size()
+    torch.manual_seed(seed)
+    model = w4a16_ops.from_pretrained(path, dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        ref = model(ids).logits
+        report = tp.shard_model(model, "auto", engine=engine)
+        assert len(report.sharded) == 7 * model.config.num_hidden_layers, str(report)
+        up = model.model.layers[0].mlp.up_proj
+        assert up.out_features == model.config.intermediate_size // W, f"up_proj holds N = {up.out_features}"
+        out = model(ids).logits
+    check(out, ref, f"from_pretrained {path} engine={engine}")
+    same_everywhere(out, "from_pretrained")
+
+
 CASES = {
+    "from_pretrained": case_from_pretrained,
     "block": case_block,
     "gather_and_split": case_gather_and_split,
     "act_order": case_act_order,

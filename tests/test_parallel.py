@@ -114,6 +114,12 @@ def test_shard_model_without_a_group_needs_rank_and_world():
 
 
 def test_two_ranks(tmp_path):
+    # A compressed-tensors directory (written by that library), loaded by w4a16_ops.from_pretrained in each rank.
+    from checkpoints import tiny_llama, write_compressed_tensors
+
+    ckpt = tmp_path / "ct"
+    base = tiny_llama(dtype=torch.float16, bias=True, hidden=256, intermediate=512, layers=1, vocab=128)
+    write_compressed_tensors(base, str(ckpt), symmetric=False, group_size=64)
     cases = [("block", kind, G, sym) for kind in ("mlp", "attn") for G in (64, 128, -1) for sym in (True, False)]
     cases += [
         ("block", "mlp", 128, False, 1, True),  # uneven: 9 groups over 2 ranks, M = 1
@@ -122,6 +128,8 @@ def test_two_ranks(tmp_path):
         ("group_cut_error",),
         ("transformers_llama", 128, False),
         ("transformers_llama", 64, True, "transformers"),
+        ("from_pretrained", str(ckpt)),
+        ("from_pretrained", str(ckpt), "transformers"),
     ]
     spawn(2, cases, tmp_path)
 

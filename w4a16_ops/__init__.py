@@ -23,6 +23,7 @@ from .ops import gemm
 from .converters import ConvertedW4A16, convert_awq, convert_compressed_tensors, convert_gptq
 from .nn import SwapReport, W4A16Linear, swap_linears
 from .pretrained import from_pretrained  # needs transformers + safetensors (the "hf" extra), imported on call
+from . import parallel  # noqa: F401  (w4a16_ops.parallel: tensor parallelism, shard_model)
 
 __version__ = "0.1.0"
 
