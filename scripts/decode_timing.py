@@ -22,8 +22,11 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-import w4a16_ops  # noqa: F401  (registers the ops)
 from w4a16_ops.backends import cuda as cb
+
+_why = cb.availability()  # loads the extension (registers torch.ops.w4a16._cuda_*)
+if _why is not None:
+    raise SystemExit(f"the CUDA backend is unavailable: {_why}")
 
 L2_BYTES = 50e6
 # name -> (pdl, prefetch, max splits, elementwise before each call, zeros)
