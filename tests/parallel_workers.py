@@ -166,6 +166,11 @@ def case_gather_and_split(seed: int, G: int, symmetric: bool) -> None:
         assert torch.equal(y, ref_col), "colwise_rep: the gathered output must be bit-identical"
         check(prow(y), ref_row, "rowwise_rep")
         check(prow(y), gemm_float64(y, row.qweight, row.scales, row.zeros) + row.bias.double(), "rowwise_rep vs f64")
+        # An uneven column split (N / 8 = 49 units over the ranks): all_gather pads and trims.
+        odd = random_layer(256, 392, G, symmetric, bias=True)
+        podd = tp.ColumnParallelW4A16Linear.from_layer(odd, gather_output=True, uneven=True, name="odd")
+        assert len(set(podd.sizes)) > 1 or 392 % (8 * dist.get_world_size()) == 0, podd.sizes
+        assert torch.equal(podd(x), odd(x)), "uneven colwise_rep: the gathered output must be bit-identical"
 
 
 def _act_order_perm(K: int, G: int, W: int, contained: bool) -> torch.Tensor:
@@ -292,7 +297,16 @@ def case_from_pretrained(seed: int, path: str, engine: str = "torch") -> None:
     same_everywhere(out, "from_pretrained")
 
 
+def case_bench_dry_run(seed: int, out: str) -> None:
+    """benchmarks/bench_tp.py's dry run in this process group (tiny shapes, gloo, its own output check)."""
+    from benchmarks import bench_tp
+
+    rows = bench_tp.run(bench_tp.parse_args(["--out", out, "--dry-run", "--zeros"]))
+    assert (rows is None) == (dist.get_rank() != 0)
+
+
 CASES = {
+    "bench_dry_run": case_bench_dry_run,
     "from_pretrained": case_from_pretrained,
     "block": case_block,
     "gather_and_split": case_gather_and_split,

@@ -4,6 +4,8 @@ MLP and attention blocks and a transformers Llama against the single-process for
 
 from __future__ import annotations
 
+import csv
+import datetime
 import time
 
 import pytest
@@ -130,13 +132,72 @@ def test_two_ranks(tmp_path):
         ("transformers_llama", 64, True, "transformers"),
         ("from_pretrained", str(ckpt)),
         ("from_pretrained", str(ckpt), "transformers"),
+        ("bench_dry_run", str(tmp_path / "bench")),
     ]
     spawn(2, cases, tmp_path)
+    with open(tmp_path / "bench" / "bench_tp.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 3, "2 blocks x 2 M x (2 layers + the step)"
+    assert {r["what"] for r in rows} == {"layer:gate_up", "layer:down", "layer:qkv", "layer:o", "step"}
+    assert all(r["world_size"] == "2" and r["zeros"] == "True" and float(r["speedup"]) > 0 for r in rows)
+    md = (tmp_path / "bench" / "bench_tp.md").read_text()
+    assert "2 x CPU (dry run)" in md and "NCCL_NVLS_ENABLE=" in md
 
 
 def test_four_ranks(tmp_path):
     cases = [("block", "mlp", 64, False), ("block", "attn", 128, True), ("block", "mlp", -1, True),
              ("block", "attn", -1, False), ("block", "mlp", 128, True, 16, True),  # 9 groups over 4: 3, 2, 2, 2
-             ("act_order", 64, False), ("group_cut_error",), ("transformers_llama", 64, True),
+             ("act_order", 64, False), ("group_cut_error",), ("gather_and_split", -1, True),
+             ("transformers_llama", 64, True),
              ("transformers_llama", 64, False, "transformers")]
     spawn(4, cases, tmp_path)
+
+
+# -- benchmarks/bench_tp.py: what runs without GPUs ---------------------------------------------
+
+
+def test_bench_tp_arguments():
+    from benchmarks import bench_tp
+
+    a = bench_tp.parse_args(["--out", "o"])
+    assert (a.model, a.Ms, a.blocks, a.group_size, a.zeros) == ("llama3-70b", [1, 16, 256], ["mlp", "attn"], 128, False)
+    d = bench_tp.parse_args(["--out", "o", "--dry-run", "--blocks", "mlp"])
+    assert (d.model, d.Ms, d.reps, d.blocks) == ("tiny", [1, 4], 3, ["mlp"])
+    for bad in (["--M", "1,x"], ["--M", "0"], ["--blocks", "moe"], ["--group-size", "48"]):
+        with pytest.raises(SystemExit):
+            bench_tp.parse_args(["--out", "o"] + bad)
+
+
+def test_bench_tp_shard_plans():
+    from benchmarks import bench_tp
+
+    mlp = bench_tp.plan_block("llama3-70b", "mlp", 8)
+    assert [(lay.name, lay.style) for lay in mlp] == [("gate_up", "colwise"), ("down", "rowwise")]
+    assert all(p.sizes == (3584,) * 8 for lay in mlp for p in lay.parts)  # 28672 / 8, 28 groups of 128
+    attn = bench_tp.plan_block("llama3-70b", "attn", 8)
+    assert [p.sizes for p in attn[0].parts] == [(1024,) * 8, (128,) * 8, (128,) * 8] and attn[1].parts[0].sizes == (1024,) * 8
+    with pytest.raises(ValueError, match=r"qwen2-72b.down_proj: row-parallel .* world_size = 4 .* quantization groups"):
+        bench_tp.plan_block("qwen2-72b", "mlp", 4)
+    uneven = bench_tp.plan_block("qwen2-72b", "mlp", 4, uneven=True)
+    assert uneven[1].parts[0].sizes == (7424, 7424, 7424, 7296) == uneven[0].parts[0].sizes  # gate/up line up
+    with pytest.raises(ValueError, match=r"num_key_value_heads = 8 must be divisible by world_size = 16"):
+        bench_tp.plan_block("llama3-70b", "attn", 16)
+
+
+def test_bench_tp_report(tmp_path):
+    from benchmarks import bench_tp
+
+    meta = {"gpu": "NVIDIA H200", "date": datetime.date.today().isoformat(), "world_size": 2, "model": "llama3-70b",
+            "G": 128, "zeros": False, "torch": torch.__version__, "backend": "nccl", "nvls": "0"}
+    per_rank = [{"mlp": [(1, "step", "w4a16", 50.0, "graph"), (1, "step", "fp16", 100.0, "graph")]},
+                {"mlp": [(1, "step", "w4a16", 40.0, "graph"), (1, "step", "fp16", 120.0, "graph")]}]
+    rows = bench_tp.make_rows(meta, per_rank)
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["w4a16_us_max"], r["w4a16_us_min"], r["fp16_us_max"], r["speedup"]) == (50.0, 40.0, 120.0, 2.4)
+    bench_tp.write_report(rows, meta, str(tmp_path))
+    with open(tmp_path / "bench_tp.csv") as f:
+        back = list(csv.DictReader(f))
+    assert list(back[0]) == bench_tp.FIELDS and back[0]["speedup"] == "2.4"
+    md = (tmp_path / "bench_tp.md").read_text()
+    assert "llama3-70b over 2 x NVIDIA H200" in md and meta["date"] in md and "| mlp | 1 | step | 50.0 / 40.0 |" in md
