@@ -112,6 +112,18 @@ def test_shard_model_without_a_group_needs_rank_and_world():
     assert "column-parallel rank=1/2" in repr(model[0])
 
 
+def test_shard_model_needs_whole_heads_per_rank():
+    from checkpoints import tiny_llama
+
+    model = tiny_llama(dtype=torch.float16, hidden=256, intermediate=512, layers=1, vocab=64)  # 4 heads, 2 kv heads
+    w4a16_ops.swap_linears(model, group_size=64, skip="lm_head")
+    with pytest.raises(ValueError, match=r"num_key_value_heads = 2 must be divisible by world_size = 4"):
+        tp.shard_model(model, "auto", rank=0, world_size=4)
+    assert type(model.model.layers[0].self_attn.k_proj) is w4a16_ops.W4A16Linear, "a refused plan changes nothing"
+    report = tp.shard_model(model, "auto", rank=1, world_size=2)
+    assert model.model.layers[0].self_attn.k_proj.out_features == 64 and len(report.sharded) == 7, str(report)
+
+
 # -- real process groups ------------------------------------------------------------------------
 
 

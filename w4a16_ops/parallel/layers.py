@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..nn import W4A16Linear
 from .split import LocalShard, shard_linear
 
+
 def _rank_and_world(group, rank: Optional[int], world_size: Optional[int]) -> tuple:
     if rank is not None and world_size is not None:
         return int(rank), int(world_size)

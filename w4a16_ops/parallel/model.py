@@ -121,6 +121,8 @@ def shard_model(
         else:
             chosen.append((name, mod, style))
 
+    _check_heads(model, chosen, world_size)
+
     # One split per size of the split dimension, so column shards line up with the row layer reading them.
     splits = {}
     if uneven:
@@ -171,6 +173,22 @@ def shard_model(
         mesh = DeviceMesh.from_group(group if group is not None else dist.group.WORLD, device_type)
         apply_tp(model, mesh, hf_plan)
     return report
+
+
+def _check_heads(model: nn.Module, chosen: list, world_size: int) -> None:
+    """A transformers model's attention splits by heads: each rank needs whole q and kv heads (else
+    its view(..., -1, head_dim) or the GQA repeat would break, or silently mix heads)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not any("attn" in name or "attention" in name for name, _, _ in chosen):
+        return
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for attr in ("num_attention_heads", "num_key_value_heads"):
+        n = getattr(cfg, attr, None)
+        if isinstance(n, int) and n % world_size:
+            raise ValueError(
+                f"shard_model: model.config.{attr} = {n} must be divisible by world_size = {world_size} "
+                f"(each rank holds whole attention heads of the column-parallel q/k/v projections)"
+            )
 
 
 def _transformers_apply():

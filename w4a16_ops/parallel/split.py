@@ -11,7 +11,7 @@ from torch import Tensor
 from ..format import PackedW4A16, pack, unpack
 from ..nn import W4A16Linear
 
-# transformers' tp_plan style names -> (split, whether the layer itself moves data: gather / slice x)
+# transformers' tp_plan style names -> whether the layer itself moves data (all-gathers y / slices x)
 COLUMN_STYLES = {"colwise": False, "colwise_rep": True, "colwise_gather_output": True}
 ROW_STYLES = {"rowwise": False, "rowwise_rep": True, "rowwise_split_input": True}
 
