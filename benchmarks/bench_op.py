@@ -318,6 +318,7 @@ def measure_point(rows, meta, p: Point, names, all_kernels, args) -> None:
                    flops / (meta["dense_TFLOPs"] * 1e12)) * 1e6
     results = {}  # name -> (time or None, note)
     runs = {}
+    keep = []  # every prepared kernel's calls (and so its tensors), alive while its graph may replay
     for name in names:
         why = skip_reason(name, M, args.int4_max_m)
         if why is not None:
@@ -332,6 +333,9 @@ def measure_point(rows, meta, p: Point, names, all_kernels, args) -> None:
                 runs[name] = (prepare(calls), len(calls))
                 if name == "dense":
                     runs[NOISE_TWIN] = (prepare(calls), len(calls))
+            # The graph reads the tensors the calls hold (x, weight copies) without owning them: keep them alive
+            # until it is timed (torch.cuda.graph empties the cache before each capture, freeing dropped ones).
+            keep.append(calls)
         except Exception as e:  # one kernel failing (out of memory, a peer's bug) is a row, not the end of the run
             results[name] = (None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
         finally:
@@ -344,7 +348,7 @@ def measure_point(rows, meta, p: Point, names, all_kernels, args) -> None:
         for name in runs:
             results[name] = (None, f"failed while timing: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
     finally:
-        runs = None
+        runs = keep = None  # graphs first, then the tensors they read
         torch.cuda.empty_cache()
     base = results.get("dense", (None, ""))[0]
     twin = results.pop(NOISE_TWIN, (None, ""))[0]

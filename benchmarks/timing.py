@@ -33,7 +33,7 @@ def packed_copies(packed) -> list:
 
 def prepare(calls: Sequence[Callable[[], object]], warmup: int = 3, graph: bool = True) -> Callable[[], None]:
     """A run() that makes every call once (a CUDA-graph replay when graph), after warm-up. calls[i] touches weight
-    copy i."""
+    copy i. The graph does not own the tensors the calls read: the caller keeps `calls` alive as long as run()."""
     for _ in range(warmup):  # compile / autotune-free warm-up and allocator settling
         for c in calls:
             c()

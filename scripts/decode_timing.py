@@ -42,6 +42,7 @@ VARIANTS = {
     "pdl+pf4+z": (2, 4, 0, False, True),
     "plain+z": (1, -1, 0, False, True),
     "plain+ew": (1, -1, 0, True, False),
+    "pdl+ew": (2, -1, 0, True, False),
     "pdl+pf4+ew": (2, 4, 0, True, False),
 }
 __doc__ += "".join(f"  {k}: pdl={v[0] == 2} prefetch={v[1]} splits={v[2] or 'default'} ew={v[3]} zeros={v[4]}\n"

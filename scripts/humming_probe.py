@@ -2,11 +2,13 @@
 dequantized weights, then a CUDA-graph capture and replay, each step synchronized and printed, so a crash names
 its step.   python scripts/humming_probe.py [K N M ...]"""
 
+import os
 import sys
 
 import torch
 
-from benchmarks import contenders as c
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import contenders as c  # noqa: E402
 
 
 def probe(K, N, M, G=128, dtype=torch.float16):

@@ -294,7 +294,7 @@ def test_plan_reports_pdl_and_prefetch(cuda_ready):
     default = torch.ops.w4a16._cuda_gemm_plan(1, 4096, 4096, 128, False)
     off = torch.ops.w4a16._cuda_gemm_plan(1, 4096, 4096, 128, False, 0, 0, 0, 1, -1)
     on = torch.ops.w4a16._cuda_gemm_plan(1, 4096, 4096, 128, False, 0, 0, 0, 2, 3)
-    assert default[14] == (major >= 9) and off[14] == 0 and on[14] == (major >= 9), (default, off, on)
+    assert default[14] == 0 and off[14] == 0 and on[14] == (major >= 9), (default, off, on)  # default: plain
     assert off[15] == 0 and on[15] == (3 if major >= 9 else 0), (off, on)
 
 
@@ -403,7 +403,7 @@ def test_tuning_default_and_the_pdl_switch():
     assert len(cuda_backend.TUNING) == 5
     assert cuda_backend._default_tuning({}) == (0, 0, 0, 0, 0)
     assert cuda_backend._default_tuning({"W4A16_CUDA_PDL": "0"})[3] == 1  # plain launches
-    assert cuda_backend._default_tuning({"W4A16_CUDA_PDL": "1"})[3] == 0
+    assert cuda_backend._default_tuning({"W4A16_CUDA_PDL": "1"})[3] == 2  # programmatic dependent launch
     assert cuda_backend._default_tuning({"W4A16_CUDA_PREFETCH": "-1"})[4] == -1
     assert cuda_backend._default_tuning({"W4A16_CUDA_PREFETCH": "6"})[4] == 6
     assert cuda_backend._default_tuning({"W4A16_CUDA_PREFETCH": "x"})[4] == 0

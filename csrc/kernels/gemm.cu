@@ -22,7 +22,12 @@ int cdiv(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
 constexpr bool f32_scale_default(int mb) { return mb == 2; }
 
 // L2 prefetch distance (iterations ahead of the compute) on sm_90 by default; GemmTuning.prefetch overrides it.
+// Measured (H200, notes/cuda.md run 10): 2-8 iterations ahead is 0-17% slower on every layer: off.
 constexpr int kPrefetchDefault = 0;
+// Programmatic dependent launch by default on sm_90? Measured (H200, run 10): 2-12% faster when the previous kernel
+// is this one (back-to-back calls), but with an elementwise kernel before each call (a model's norm or activation)
+// the PDL variant measured was slower; off until a model-level A/B says otherwise (GemmTuning.pdl = 2 turns it on).
+constexpr bool kPdlDefault = false;
 
 int log2_exact(int v) {
   int s = 0;
@@ -72,7 +77,7 @@ cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int cc
   pl.smem_bytes = gemm::smem_bytes_of(pl.mb);
   // griddepcontrol and bulk L2 prefetches exist from sm_90 on (the kernel compiles them out below it).
   const bool sm90 = cc_major >= 9;
-  pl.pdl = sm90 && tuning.pdl != 1 ? 1 : 0;
+  pl.pdl = sm90 && (tuning.pdl == 2 || (tuning.pdl == 0 && kPdlDefault)) ? 1 : 0;
   pl.pf = !sm90 || tuning.prefetch < 0 ? 0 : tuning.prefetch > 0 ? tuning.prefetch : kPrefetchDefault;
   (void)G;
   *plan = pl;

@@ -47,7 +47,8 @@ struct GemmPlan {
 
 // Overrides of the partition's measured defaults (0 = default), for timing sweeps and tests. bps: at most this many
 // blocks per SM; max_splits: at most this many blocks per column; scaling: 1 = scale the 16-bit weights, 2 = scale
-// fp32 partial sums per stage (MB <= 2); pdl: 1 = plain launch, 2 (or 0) = programmatic dependent launch on sm_90;
+// fp32 partial sums per stage (MB <= 2); pdl: 1 = plain launch, 2 = programmatic dependent launch on sm_90 (0: the
+// default, gemm.cu kPdlDefault);
 // prefetch: -1 = no L2 prefetch, n > 0 = prefetch the weights n iterations ahead (sm_90).
 struct GemmTuning {
   int bps = 0;

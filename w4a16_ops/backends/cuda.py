@@ -19,9 +19,9 @@ arena with a fresh one when a quarter of it is left (the old one stays alive for
 server capturing thousands of graphs keeps finding room; only a capture that finds the arena used up (or the very
 first call on a device, if captured) gets a zeroed buffer of its own, whose memset is recorded in the graph.
 
-On sm_90 the fused kernel is launched with programmatic dependent launch (PDL): its blocks may start while the
-previous kernel in the stream finishes, prefetch their first weights into L2, and wait (griddepcontrol.wait) before
-reading anything a previous kernel may write. TUNING's pdl field (or W4A16_CUDA_PDL=0 at import) turns it off.
+On sm_90 the fused kernel can be launched with programmatic dependent launch (PDL; TUNING's pdl field, or
+W4A16_CUDA_PDL=1 at import): its blocks may then start while the previous kernel in the stream finishes, and wait
+(griddepcontrol.wait) before reading anything a previous kernel may write. Off by default (notes/cuda.md run 10).
 
 Weights that are contiguous but not 16-byte aligned (a view at an odd offset into a flat buffer) are copied to
 aligned storage per call (the kernels read them with 16-byte loads). The dense GEMM of the large-M path runs with
@@ -49,10 +49,10 @@ DEQUANT_MIN_M = 256
 # csrc/kernels/launchers.h): blocks per SM, most blocks per column, scaling (1: 16-bit weights, 2: fp32 partial sums),
 # pdl (1: plain launches, 2: programmatic dependent launch on sm_90), L2 prefetch distance (-1: none).
 def _default_tuning(env=os.environ) -> tuple:
-    """TUNING from the environment (A/B runs of a whole model): W4A16_CUDA_PDL=0 plain launches,
-    W4A16_CUDA_PREFETCH=n the L2 prefetch distance (-1: none)."""
-    pf = env.get("W4A16_CUDA_PREFETCH", "")
-    return (0, 0, 0, 1 if env.get("W4A16_CUDA_PDL", "") == "0" else 0, int(pf) if pf.lstrip("-").isdigit() else 0)
+    """TUNING from the environment (A/B runs of a whole model): W4A16_CUDA_PDL=1 programmatic dependent launch on
+    sm_90, =0 plain launches (unset: the kernel's default, plain); W4A16_CUDA_PREFETCH=n the L2 prefetch distance."""
+    pf, pdl = env.get("W4A16_CUDA_PREFETCH", ""), env.get("W4A16_CUDA_PDL", "")
+    return (0, 0, 0, {"0": 1, "1": 2}.get(pdl, 0), int(pf) if pf.lstrip("-").isdigit() else 0)
 
 
 TUNING = _default_tuning()
