@@ -4,6 +4,8 @@
 
 Covers: split columns (cross-block reduction), zeros, both dtypes, N % 64 != 0, a K tail, two M chunks, x padding
 (K % 8 != 0) and the dequantize + dense GEMM path. Each result is also checked against the float64 reference.
+Every case runs twice: with the default launch, and (on sm_90) with programmatic dependent launch and the L2
+weight prefetch on, followed there by a chain of calls where each reads the previous call's output.
 """
 
 import os
@@ -27,15 +29,31 @@ CASES = [  # M, K, N, G, zeros, dtype
 ]
 
 
+TUNINGS = [(0, 0, 0, 0, 0), (0, 0, 0, 2, 4)]  # default; PDL + L2 prefetch 4 iterations ahead (sm_90)
+
+
 def main():
     assert cuda_backend.availability() is None, cuda_backend.availability()
-    for M, K, N, G, zeros, dtype in CASES:
-        cuda_backend.DEQUANT_MIN_M = 64 if M == 96 else 1 << 30
-        case = make_case(M, K, N, G, zeros=zeros, dtype=dtype, device="cuda", seed=M * K + N)
-        out = run_backend("cuda", case)
+    if hasattr(cuda_backend, "SM90_MIN_M"):  # these cases are the fused decode kernel's (and the dequantize path's)
+        cuda_backend.SM90_MIN_M = 1 << 30
+    for tuning in TUNINGS:
+        cuda_backend.TUNING = tuning
+        for M, K, N, G, zeros, dtype in CASES:
+            cuda_backend.DEQUANT_MIN_M = 64 if M == 96 else 1 << 30
+            case = make_case(M, K, N, G, zeros=zeros, dtype=dtype, device="cuda", seed=M * K + N)
+            out = run_backend("cuda", case)
+            torch.cuda.synchronize()
+            err = assert_close_to_reference(out, case, f"M={M} K={K} N={N} tuning={tuning}")
+            print(f"ok M={M} K={K} N={N} G={G} zeros={zeros} {dtype} tuning={tuning}: rel err {err:.2e}")
+        cuda_backend.DEQUANT_MIN_M = 1 << 30
+        case = make_case(16, 1024, 1024, 128, zeros=True, dtype=torch.float16, device="cuda", seed=7)
+        x = case.x
+        for i in range(3):  # back to back: each call's x is the previous call's output
+            y = run_backend("cuda", case._replace(x=x))
+            assert_close_to_reference(y, case._replace(x=x), f"chain link {i} tuning={tuning}")
+            x = y
         torch.cuda.synchronize()
-        err = assert_close_to_reference(out, case, f"M={M} K={K} N={N}")
-        print(f"ok M={M} K={K} N={N} G={G} zeros={zeros} {dtype}: rel err {err:.2e}")
+        print(f"ok chain of 3 calls, tuning={tuning}")
     print("sanitize cases: all ok")
 
 
