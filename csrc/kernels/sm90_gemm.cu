@@ -1,5 +1,7 @@
 // Host side of the Hopper wgmma W4A16 GEMM (sm90_gemm.cuh): the partition and the launches, fp16 and bf16, BM = 64
 // and 128 rows of M per block.
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -20,6 +22,36 @@ int log2_exact(int v) {
   return s;
 }
 
+// cuTensorMapEncodeTiled from the driver the runtime already loaded (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult status{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// x [M, K] (rows lda elements apart) as a 2-D tensor map of 64 x bm boxes with the 128-byte swizzle the wgmma
+// descriptor expects; out-of-range elements read as zero.
+cudaError_t x_tensor_map(const KParams& kp, int bm, bool bf16, CUtensorMap* map) {
+  const auto encode = encode_fn();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[2] = {(cuuint64_t)kp.K, (cuuint64_t)kp.M};
+  const cuuint64_t strides[1] = {(cuuint64_t)kp.lda * 2};
+  const cuuint32_t box[2] = {(cuuint32_t)kBK, (cuuint32_t)bm};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUresult r = encode(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+                            const_cast<void*>(kp.x), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 template <typename T, int BM>
 cudaError_t launch_t(const KParams& kp, cudaStream_t stream) {
   // Raise the dynamic shared-memory limit once per device for each kernel.
@@ -32,8 +64,11 @@ cudaError_t launch_t(const KParams& kp, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     if (dev < 64) raised[dev] = true;
   }
+  CUtensorMap xmap;
+  err = x_tensor_map(kp, BM, std::is_same<T, __nv_bfloat16>::value, &xmap);
+  if (err != cudaSuccess) return err;
   const dim3 grid(kp.m_blocks, kp.n_blocks, kp.splits);
-  gemm_kernel<T, BM><<<grid, kThreads, Cfg<BM>::SMEM_BYTES, stream>>>(kp);
+  gemm_kernel<T, BM><<<grid, kThreads, Cfg<BM>::SMEM_BYTES, stream>>>(kp, xmap);
   if (kp.splits > 1) {
     const long long threads = (long long)kp.m_blocks * kp.n_blocks * kThreads * (kInst * Cfg<BM>::ACC / 4);
     reduce_kernel<T, BM><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(kp);

@@ -14,8 +14,10 @@
 // registers' order to a workspace and reduce_kernel adds them in slice order, so results are deterministic and no
 // counters or atomics are involved.
 //
-// Pipeline. cp.async copies each 64-row k-block (weights of 4 slabs x 4 tiles, the x tile, two scale rows and two
-// zero-word rows) into a ring of kStages shared-memory stages, kAhead stages ahead of the math. Dequantization is the
+// Pipeline. Each 64-row k-block is one stage of a shared-memory ring: the x tile comes by the tensor copy engine
+// (TMA, 128-byte swizzle, zeros past M and K, completing on the stage's mbarrier), the weights of 4 slabs x 4 tiles,
+// two scale rows and two zero-word rows by cp.async (read back with ordinary loads: no proxy fence, which would
+// also wait for the later stages' copies in flight). The ring holds of kStages shared-memory stages, kAhead stages ahead of the math. Dequantization is the
 // CUDA kernel's (gemm::Ops<T>: lop3 magic numbers, zero point pre-biased, scale in 16-bit: one rounding) into a ring
 // of two slabs' A registers: the dequantization of slab s overlaps the wgmmas of slab s - 1, which stay in flight
 // across the stage boundary too (the tensor cores never drain between stages). So a stage's buffer is refilled two
@@ -25,6 +27,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+#include <cuda.h>  // CUtensorMap (a plain struct: no driver library is linked)
 
 #include "gemm_kernel.cuh"
 #include "sm90_wgmma.cuh"
@@ -68,7 +72,8 @@ struct Cfg {
   static constexpr int STAGE_BYTES = (X_BYTES + W_BYTES + S_BYTES + Z_BYTES + 1023) / 1024 * 1024;
   static constexpr int OUT_BYTES = BM * kOutPitch * 2;
   static constexpr int RING_BYTES = kStages * STAGE_BYTES;
-  static constexpr int SMEM_BYTES = (RING_BYTES > OUT_BYTES ? RING_BYTES : OUT_BYTES) + 1024;  // + alignment slack
+  static constexpr int SMEM_BYTES = (RING_BYTES > OUT_BYTES ? RING_BYTES : OUT_BYTES) + 1024 + 64;  // + alignment
+                                                                                                // slack, mbarriers
   static constexpr int MIN_BLOCKS = BM == 64 ? 2 : 1;
 };
 
@@ -131,23 +136,29 @@ __device__ __forceinline__ float4* ws_slot(const KParams& p, int split, int mb, 
 }
 
 template <typename T, int BM>
-__global__ void __launch_bounds__(kThreads, Cfg<BM>::MIN_BLOCKS) gemm_kernel(const KParams p) {
+__global__ void __launch_bounds__(kThreads, Cfg<BM>::MIN_BLOCKS)
+    gemm_kernel(const KParams p, const __grid_constant__ CUtensorMap xmap) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Cfg<BM>;
   using O = gemm::Ops<T>;
   constexpr bool BF16 = std::is_same<T, __nv_bfloat16>::value;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = align1024(smem_raw);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + (C::RING_BYTES > C::OUT_BYTES ? C::RING_BYTES : C::OUT_BYTES));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = (tid >> 5) & 3, wg = tid >> 7;
   const int g = lane >> 2;
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) mbar_init(&bars[s], 1);
+    mbar_fence_init();
+  }
+  __syncthreads();
   const int mb = blockIdx.x, nb = blockIdx.y, split = blockIdx.z;
   const int m0 = mb * BM;
   const int kb0 = split * p.kb_per_split;
   const int nkb = min(p.kb_total, kb0 + p.kb_per_split) - kb0;  // >= 1: plan() leaves no empty slice
   const bool has_zeros = p.zeros != nullptr;
   const long long q_row = (long long)p.Nt * 32;  // int4 per slab row of qweight
-  const T* x = static_cast<const T*>(p.x);
   const T* scales = static_cast<const T*>(p.scales);
   const int zrow = p.N / 8;
 
@@ -163,15 +174,10 @@ __global__ void __launch_bounds__(kThreads, Cfg<BM>::MIN_BLOCKS) gemm_kernel(con
       const int4* src = ok ? p.qweight + kt * q_row + nt * 32 + ch : p.qweight;
       gemm::cp_async16_zfill(st + C::X_BYTES + c * 16, src, ok);
     }
-    // x: BM rows x 8 chunks, chunk ch of row r at chunk ch ^ (r % 8) (the 128-byte swizzle), zero past M and K.
-#pragma unroll
-    for (int r = 0; r < C::X_BYTES / 16 / kThreads; ++r) {
-      const int c = tid + r * kThreads;
-      const int row = c >> 3, ch = c & 7;
-      const int m = m0 + row, k = kb * kBK + ch * 8;
-      const bool ok = m < p.M && k < p.K;
-      const T* src = ok ? x + (long long)m * p.lda + k : x;
-      gemm::cp_async16_zfill(st + row * 128 + ((ch ^ (row & 7)) << 4), src, ok);
+    // x: the BM x 64 box at (k, m) = (64 kb, m0); the copy engine applies the 128-byte swizzle.
+    if (tid == 0) {
+      mbar_expect_tx(&bars[buf], C::X_BYTES);
+      tma_load_2d(st, &xmap, &bars[buf], kb * kBK, m0);
     }
     // Scales: rows of slabs 0-1 and 2-3 (one group unless G = 32), 32 chunks each; zero words likewise, 4 bytes.
     if (tid < 64) {
@@ -210,15 +216,15 @@ __global__ void __launch_bounds__(kThreads, Cfg<BM>::MIN_BLOCKS) gemm_kernel(con
   uint32_t a[2][kInst][4];  // A fragments of two slabs: one being read by wgmmas in flight, one being written
   for (int it = 0; it < nkb; ++it) {
     gemm::cp_async_wait<kAhead - 1>();
-    fence_proxy_async();
-    // Stage `it` landed for every thread, and every warpgroup is past slab 1 of stage it - 1, so the wgmmas of stage
-    // it - 2 are complete: its buffer, (it + kAhead) % kStages, can be refilled.
+    // Stage `it`'s cp.async data landed for every thread, and every warpgroup is past slab 1 of stage it - 1, so the
+    // wgmmas of stage it - 2 are complete: its buffer, (it + kAhead) % kStages, can be refilled.
     __syncthreads();
     if (it + kAhead < nkb) load_stage((it + kAhead) % kStages, kb0 + it + kAhead);
     gemm::cp_async_commit();
 
     const uint8_t* st = smem + (it % kStages) * C::STAGE_BYTES;
     const uint32_t xaddr = gemm::smem_addr(st);
+    mbar_wait(&bars[it % kStages], (it / kStages) & 1);  // the x tile (TMA) landed
     // Scale and zero-point constants of this thread's columns for the two scale rows of the stage.
     uint32_t sa[2][kInst], sb[2][kInst], zla[2][kInst], zha[2][kInst], zlb[2][kInst], zhb[2][kInst];
 #pragma unroll

@@ -1,5 +1,5 @@
 // Hopper (sm_90a) PTX the wgmma kernel needs: warpgroup MMA with the A operand from registers, its shared-memory
-// descriptor for a 128-byte-swizzled K-major B tile, and the async-proxy fence. No torch headers.
+// descriptor for a 128-byte-swizzled K-major B tile, mbarriers and the 2-D tensor copy. No torch headers.
 //
 // Compiled only where __CUDA_ARCH_FEAT_SM90_ALL is defined (a -gencode=arch=compute_90a,code=sm_90a pass); the
 // callers guard their bodies the same way, so the other architectures of one build still compile this file.
@@ -29,9 +29,37 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
 
-// Shared memory written through the generic proxy (cp.async, st.shared) must be fenced before wgmma, which reads
-// through the async proxy, may see it.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// mbarriers and the tensor copy engine (TMA): a stage's x tile arrives through the async proxy, so wgmma (async proxy
+// too) reads it without a cross-proxy fence; the waiting threads see it once the barrier's phase completes.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"((uint32_t)__cvta_generic_to_shared(bar)), "r"(count)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_fence_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                   (uint32_t)__cvta_generic_to_shared(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = (uint32_t)__cvta_generic_to_shared(bar);
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(addr),
+      "r"(parity)
+      : "memory");
+}
+// A 2-D box of the tensor map (x: inner coordinate k, outer m) into shared memory, completing on bar. Rows and columns
+// outside the tensor arrive as zeros.
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* tmap, uint64_t* bar, int k, int m) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          (uint32_t)__cvta_generic_to_shared(dst)),
+      "l"(tmap), "r"(k), "r"(m), "r"((uint32_t)__cvta_generic_to_shared(bar))
+      : "memory");
+}
 
 // Pins a register for the compiler: a value an in-flight wgmma still reads (A fragments) or will write
 // (accumulators) must stay in the same register until wgmma_wait says the instruction is done.
