@@ -8,12 +8,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Union
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..nn import W4A16Linear
 from .layers import ColumnParallelW4A16Linear, RowParallelW4A16Linear, _rank_and_world
-from .split import COLUMN_STYLES, ROW_STYLES, _even_or_units, shard_linear
+from .split import COLUMN_STYLES, ROW_STYLES, _even_or_units, _row_act_order, plan_split, shard_linear
 
 ENGINES = ("torch", "transformers")
 
@@ -140,14 +141,24 @@ def shard_model(
                 continue  # even works for every layer of this size
             splits[total] = _even_or_units(total, world_size, unit)  # None: plan_split raises for the layer
 
-    # Check every layer before replacing any, so a bad plan leaves the model as it was.
-    built, hf_plan = [], {}
+    # Every rule is checked for every layer before any is replaced, so a bad plan leaves the model as
+    # it was; the checks do not depend on the rank, so every rank raises the same error (none is left
+    # waiting in a collective). Then one layer at a time: the peak is the model plus one layer's shard.
+    sizes_of = {}
     for name, mod, style in chosen:
         total = mod.out_features if style in COLUMN_STYLES else mod.in_features
         sizes = splits.get(total)
-        kw = dict(name=name, uneven=uneven and sizes is None, sizes=sizes, rank=rank, world_size=world_size)
+        sizes_of[name] = plan_split(style, mod.in_features, mod.out_features, mod.group_size, world_size,
+                                    name=name, uneven=uneven and sizes is None, sizes=sizes)
+        if mod.perm is not None and style in ROW_STYLES:
+            _row_act_order(name, mod.perm.to(torch.int64), mod.group_size, sizes_of[name], rank)
+
+    hf_plan = {}
+    for name, mod, style in chosen:
+        sizes = sizes_of[name]
+        kw = dict(name=name, sizes=sizes, rank=rank, world_size=world_size)
         if engine == "transformers" and style in ("colwise", "rowwise"):
-            shard = shard_linear(mod, style, rank, world_size, name=name, uneven=kw["uneven"], sizes=sizes)
+            shard = shard_linear(mod, style, rank, world_size, name=name, sizes=sizes)
             bias = shard.bias if style == "colwise" or rank == 0 else None
             new = W4A16Linear.from_packed(shard.packed, shard.in_features, bias=bias, perm=shard.perm)
             new._hf_quantized_needs_local_tp = True
@@ -160,12 +171,9 @@ def shard_model(
         else:
             new = RowParallelW4A16Linear.from_layer(mod, group, split_input=ROW_STYLES[style], **kw)
             shape = f"K {new.in_features} of {mod.in_features}"
-        built.append((name, new))
-        report.sharded.append((name, f"{style}: {shape}, G = {new.group_size}"))
-
-    for name, new in built:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
+        report.sharded.append((name, f"{style}: {shape}, G = {new.group_size}"))
     if hf_plan:
         from torch.distributed.device_mesh import DeviceMesh
 
