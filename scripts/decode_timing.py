@@ -7,8 +7,8 @@ calls, each on its own weight copy (together > 3x the L2, so every call reads it
 layers. The graphs of a point are replayed interleaved, one replay of each per repetition, so a drifting GPU
 favours none; 'plain' is in the list twice (two graphs of one configuration): their difference is the run's noise.
 Variants (pdl: programmatic dependent launch; pfN: L2 prefetch N iterations ahead; s32: at most 32 blocks per
-column; +ew: an elementwise kernel writing x before every call, the way a model's norm or activation precedes a
-linear; z: zero points):
+column; bulk: the bulk-copy weight ring (M <= 16 only; at larger M it is the plain kernel); +ew: an elementwise
+kernel writing x before every call, the way a model's norm or activation precedes a linear; z: zero points):
 """
 
 from __future__ import annotations
@@ -29,24 +29,24 @@ if _why is not None:
     raise SystemExit(f"the CUDA backend is unavailable: {_why}")
 
 L2_BYTES = 50e6
-# name -> (pdl, prefetch, max splits, elementwise before each call, zeros)
+# name -> (pdl, prefetch, max splits, elementwise before each call, zeros, bulk-copy weight ring)
 VARIANTS = {
-    "plain": (1, -1, 0, False, False),
-    "plain#2": (1, -1, 0, False, False),
-    "pdl": (2, -1, 0, False, False),
-    "pf4": (1, 4, 0, False, False),
-    "pdl+pf2": (2, 2, 0, False, False),
-    "pdl+pf4": (2, 4, 0, False, False),
-    "pdl+pf8": (2, 8, 0, False, False),
-    "pdl+pf4+s32": (2, 4, 32, False, False),
-    "pdl+pf4+z": (2, 4, 0, False, True),
-    "plain+z": (1, -1, 0, False, True),
-    "plain+ew": (1, -1, 0, True, False),
-    "pdl+ew": (2, -1, 0, True, False),
-    "pdl+pf4+ew": (2, 4, 0, True, False),
+    "plain": (1, -1, 0, False, False, 0),
+    "plain#2": (1, -1, 0, False, False, 0),
+    "pdl": (2, -1, 0, False, False, 0),
+    "pf4": (1, 4, 0, False, False, 0),
+    "pdl+pf4": (2, 4, 0, False, False, 0),
+    "bulk": (1, -1, 0, False, False, 1),
+    "pdl+bulk": (2, -1, 0, False, False, 1),
+    "pdl+pf4+s32": (2, 4, 32, False, False, 0),
+    "plain+z": (1, -1, 0, False, True, 0),
+    "bulk+z": (1, -1, 0, False, True, 1),
+    "plain+ew": (1, -1, 0, True, False, 0),
+    "pdl+ew": (2, -1, 0, True, False, 0),
+    "bulk+ew": (1, -1, 0, True, False, 1),
 }
-__doc__ += "".join(f"  {k}: pdl={v[0] == 2} prefetch={v[1]} splits={v[2] or 'default'} ew={v[3]} zeros={v[4]}\n"
-                   for k, v in VARIANTS.items())
+__doc__ += "".join(f"  {k}: pdl={v[0] == 2} prefetch={v[1]} splits={v[2] or 'default'} ew={v[3]} zeros={v[4]} "
+                   f"bulk={v[5]}\n" for k, v in VARIANTS.items())
 POINTS = ("4096x4096:1,16,32 2112x4096:1,16 4096x6144:1 4096x28672:1,16,32 14336x4096:1,16 8192x28672:1,16 "
           "28672x8192:1")
 
@@ -105,13 +105,13 @@ def run_point(K, N, M, reps, bw, dev):
     # The fp16 baseline (F.linear on fp16 weights, rotated the same way).
     graphs["fp16"] = capture([lambda i=i: F.linear(x, w16[i % n16]) for i in range(ncalls)])
     nlocks = -(-M // 64) * -(-N // 256)
-    for name, (pdl, pf, splits, ew, zeros) in VARIANTS.items():
-        def call(i, pdl=pdl, pf=pf, splits=splits, ew=ew, zeros=zeros):
+    for name, (pdl, pf, splits, ew, zeros, bulk) in VARIANTS.items():
+        def call(i, pdl=pdl, pf=pf, splits=splits, ew=ew, zeros=zeros, bulk=bulk):
             if ew:
                 x.mul_(1.0)  # writes x (exactly): the next kernel must wait for it
             j = i % nq
             torch.ops.w4a16._cuda_gemm(x, qs[j], ss[j], zs[j] if zeros else None, outs[i], cb._locks(x.device, nlocks),
-                                       0, splits, 0, pdl, pf)
+                                       0, splits, 0, pdl, pf, bulk)
         graphs[name] = capture([lambda i=i: call(i) for i in range(ncalls)])
     for g in graphs.values():
         g.replay()

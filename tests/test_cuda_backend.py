@@ -288,6 +288,58 @@ def test_programmatic_launch_chains(cuda_ready, monkeypatch, pdl, prefetch):
             assert torch.equal(a, b), f"graph replay link {i + 1} differs from eager (pdl={pdl}, prefetch={prefetch})"
 
 
+_BULK_CHILD = """
+import sys, torch
+sys.path.insert(0, "tests")
+from helpers import assert_close_to_reference, make_case, run_backend
+from w4a16_ops.backends import cuda as cb
+assert cb.availability() is None, cb.availability()
+plan = torch.ops.w4a16._cuda_gemm_plan(1, 2048, 2048, 128, False, 0, 0, 0, 0, 0, 1)
+if plan[16] != 1:
+    print("SKIP: no bulk instance on this GPU", plan)
+    sys.exit(0)
+cases = [(1, 2048, 2048, 128, False, torch.float16), (7, 2112, 4096, 64, True, torch.bfloat16),
+         (16, 4096, 2120, 128, True, torch.float16), (3, 1024, 320, 32, False, torch.bfloat16),
+         (1, 200, 264, 200, True, torch.float16), (13, 14336, 4096, 128, False, torch.float16),
+         (1, 4096, 28672, 128, True, torch.bfloat16)]
+for i, (M, K, N, G, zeros, dtype) in enumerate(cases):
+    case = make_case(M, K, N, G, zeros=zeros, dtype=dtype, device="cuda", seed=i)
+    for pdl in (1, 2):
+        cb.TUNING = (0, 0, 0, pdl, -1, 0)
+        plain = run_backend("cuda", case)
+        cb.TUNING = (0, 0, 0, pdl, -1, 1)
+        bulk = run_backend("cuda", case)
+        torch.cuda.synchronize()
+        assert_close_to_reference(bulk, case, f"bulk M={M} K={K} N={N} G={G}")
+        assert torch.equal(bulk, plain), f"bulk ring differs from the plain kernel: M={M} K={K} N={N} G={G}"
+case = make_case(5, 4096, 4096, 128, zeros=True, dtype=torch.float16, device="cuda", seed=99)
+cb.TUNING = (0, 0, 0, 2, -1, 1)
+s = torch.cuda.Stream()
+s.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(s):
+    eager = run_backend("cuda", case)
+torch.cuda.current_stream().wait_stream(s)
+g = torch.cuda.CUDAGraph()
+with torch.cuda.graph(g):
+    ys = [run_backend("cuda", case) for _ in range(4)]
+for _ in range(3):
+    g.replay()
+torch.cuda.synchronize()
+assert all(torch.equal(y, eager) for y in ys), "bulk ring in a graph differs from eager"
+print("BULK OK")
+"""
+
+
+@pytest.mark.gpu
+def test_bulk_copy_ring_matches_the_plain_kernel(cuda_ready):
+    # The bulk-copy weight ring (an experiment behind TUNING[5]) puts the same bytes in the same shared memory as the
+    # per-thread copies, so its results must be bit-identical to the plain kernel's. Run in a child process: its
+    # mbarrier waits trap instead of hanging if a phase never completes, which must fail this test only.
+    root = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", _BULK_CHILD], capture_output=True, text=True, timeout=240, cwd=root)
+    assert p.returncode == 0 and ("BULK OK" in p.stdout or "SKIP" in p.stdout), p.stdout[-1500:] + p.stderr[-3000:]
+
+
 @pytest.mark.gpu
 def test_plan_reports_pdl_and_prefetch(cuda_ready):
     major = torch.cuda.get_device_capability()[0]
@@ -296,6 +348,9 @@ def test_plan_reports_pdl_and_prefetch(cuda_ready):
     on = torch.ops.w4a16._cuda_gemm_plan(1, 4096, 4096, 128, False, 0, 0, 0, 2, 3)
     assert default[14] == 0 and off[14] == 0 and on[14] == (major >= 9), (default, off, on)  # default: plain
     assert off[15] == 0 and on[15] == (3 if major >= 9 else 0), (off, on)
+    bulk = torch.ops.w4a16._cuda_gemm_plan(1, 4096, 4096, 128, False, 0, 0, 0, 0, 0, 1)
+    bulk32 = torch.ops.w4a16._cuda_gemm_plan(32, 4096, 4096, 128, False, 0, 0, 0, 0, 0, 1)
+    assert default[16] == 0 and bulk[16] == (major >= 9) and bulk32[16] == 0, (default, bulk, bulk32)
 
 
 @pytest.mark.gpu
@@ -400,8 +455,9 @@ def test_twenty_thousand_captured_calls_fit_the_arena():
 
 
 def test_tuning_default_and_the_pdl_switch():
-    assert len(cuda_backend.TUNING) == 5
-    assert cuda_backend._default_tuning({}) == (0, 0, 0, 0, 0)
+    assert len(cuda_backend.TUNING) == 6
+    assert cuda_backend._default_tuning({}) == (0, 0, 0, 0, 0, 0)
+    assert cuda_backend._default_tuning({"W4A16_CUDA_BULK": "1"})[5] == 1
     assert cuda_backend._default_tuning({"W4A16_CUDA_PDL": "0"})[3] == 1  # plain launches
     assert cuda_backend._default_tuning({"W4A16_CUDA_PDL": "1"})[3] == 2  # programmatic dependent launch
     assert cuda_backend._default_tuning({"W4A16_CUDA_PREFETCH": "-1"})[4] == -1

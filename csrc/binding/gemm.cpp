@@ -1,17 +1,17 @@
 // torch binding of the CUDA W4A16 GEMM (csrc/kernels/gemm*.cu). Private ops, called by w4a16_ops/backends/cuda.py
 // from inside the public op's opaque body:
 //
-//   _cuda_gemm(x, qweight, scales, zeros, out, locks, bps=0, splits=0, scaling=0, pdl=0, prefetch=0) -> ()
+//   _cuda_gemm(x, qweight, scales, zeros, out, locks, bps=0, splits=0, scaling=0, pdl=0, prefetch=0, bulk=0) -> ()
 //       out[M, N] = x[M, K] @ dequantize(...). locks: int32 counters, all zero; the kernel leaves them zero (so the
 //       schema does not declare them mutated). The float workspace comes from PyTorch's caching allocator, on the
 //       current stream, and needs no initial contents. bps, splits, scaling: overrides of the partition (0 = the
-//       measured default; see GemmTuning in launchers.h), for timing sweeps and tests; pdl (1: off) and prefetch
-//       (-1: off, n: distance) likewise.
+//       measured default; see GemmTuning in launchers.h), for timing sweeps and tests; pdl (1: off, 2: on),
+//       prefetch (-1: off, n: distance) and bulk (1: the bulk-copy weight ring) likewise.
 //   _cuda_dequantize(qweight, scales, zeros, w) -> ()
 //       w[K, N] (x.dtype, contiguous) = dequantize(...), for the large-M path (dequantize once + dense GEMM).
-//   _cuda_gemm_plan(M, K, N, G, bf16=False, bps=0, splits=0, scaling=0, pdl=0, prefetch=0) -> int[]
+//   _cuda_gemm_plan(M, K, N, G, bf16=False, bps=0, splits=0, scaling=0, pdl=0, prefetch=0, bulk=0) -> int[]
 //       the partition the kernel would use on the current device (tests and tuning): mb, slabs, m_chunks, n_cols,
-//       k_iters, total, ipb, grid, ws_floats, locks, smem_bytes, blocks_per_sm, f32s, max_splits, pdl, pf.
+//       k_iters, total, ipb, grid, ws_floats, locks, smem_bytes, blocks_per_sm, f32s, max_splits, pdl, pf, bulk.
 //   _cuda_capture_id() -> int
 //       the id of the CUDA-graph capture the current stream is in (unique in the process), 0 when not capturing.
 #include <ATen/core/Tensor.h>
@@ -61,13 +61,14 @@ void check_weights(const char* op, const at::Tensor& qweight, const at::Tensor& 
   TORCH_CHECK(device.is_cuda(), op, ": tensors must be on a CUDA device, got ", device);
 }
 
-w4a16::GemmTuning tuning(int64_t bps, int64_t splits, int64_t scaling, int64_t pdl, int64_t prefetch) {
+w4a16::GemmTuning tuning(int64_t bps, int64_t splits, int64_t scaling, int64_t pdl, int64_t prefetch, int64_t bulk) {
   w4a16::GemmTuning t;
   t.bps = int(bps);
   t.max_splits = int(splits);
   t.scaling = int(scaling);
   t.pdl = int(pdl);
   t.prefetch = int(prefetch);
+  t.bulk = int(bulk);
   return t;
 }
 
@@ -93,7 +94,7 @@ int device_sms(const char* op, int* major = nullptr) {
 
 void cuda_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                const std::optional<at::Tensor>& zeros, at::Tensor& out, const at::Tensor& locks, int64_t bps,
-               int64_t splits, int64_t scaling, int64_t pdl, int64_t prefetch) {
+               int64_t splits, int64_t scaling, int64_t pdl, int64_t prefetch, int64_t bulk) {
   constexpr const char* op = "w4a16._cuda_gemm";
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.sizes());
   const int64_t M = x.size(0), K = x.size(1);
@@ -116,7 +117,7 @@ void cuda_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   w4a16::GemmPlan plan{};
   const cudaError_t perr = w4a16::plan_gemm(int(M), int(K), int(N), int(K / scales.size(0)),
                                             x.scalar_type() == at::kBFloat16, sms, major,
-                                            tuning(bps, splits, scaling, pdl, prefetch), &plan);
+                                            tuning(bps, splits, scaling, pdl, prefetch, bulk), &plan);
   TORCH_CHECK(perr == cudaSuccess, op, ": kernel setup failed: ", cudaGetErrorString(perr));
   TORCH_CHECK(locks.device() == x.device() && locks.scalar_type() == at::kInt && locks.is_contiguous() &&
                   locks.numel() >= plan.locks,
@@ -160,15 +161,15 @@ void cuda_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const 
 }
 
 std::vector<int64_t> cuda_gemm_plan(int64_t M, int64_t K, int64_t N, int64_t G, bool bf16, int64_t bps, int64_t splits,
-                                    int64_t scaling, int64_t pdl, int64_t prefetch) {
+                                    int64_t scaling, int64_t pdl, int64_t prefetch, int64_t bulk) {
   int major = 0;
   const int sms = device_sms("w4a16._cuda_gemm_plan", &major);
   w4a16::GemmPlan p{};
   const cudaError_t err = w4a16::plan_gemm(int(M), int(K), int(N), int(G), bf16, sms, major,
-                                            tuning(bps, splits, scaling, pdl, prefetch), &p);
+                                            tuning(bps, splits, scaling, pdl, prefetch, bulk), &p);
   TORCH_CHECK(err == cudaSuccess, "w4a16._cuda_gemm_plan: ", cudaGetErrorString(err));
   return {p.mb,  p.slabs, p.m_chunks,  p.n_cols,     p.k_iters,       p.total,  p.ipb,          p.grid,
-          p.ws_floats, p.locks, p.smem_bytes, p.blocks_per_sm, p.f32s, p.max_splits, p.pdl, p.pf};
+          p.ws_floats, p.locks, p.smem_bytes, p.blocks_per_sm, p.f32s, p.max_splits, p.pdl, p.pf, p.bulk};
 }
 
 // Never throws (it runs on the backend's host path while capturing): 0 for "not capturing" and for any error.
@@ -187,10 +188,10 @@ int64_t cuda_capture_id() {
 TORCH_LIBRARY_FRAGMENT(w4a16, m) {
   m.def(
       "_cuda_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor(a!) out, Tensor locks, int bps=0, "
-      "int splits=0, int scaling=0, int pdl=0, int prefetch=0) -> ()");
+      "int splits=0, int scaling=0, int pdl=0, int prefetch=0, int bulk=0) -> ()");
   m.def("_cuda_dequantize(Tensor qweight, Tensor scales, Tensor? zeros, Tensor(a!) w) -> ()");
   m.def("_cuda_gemm_plan(int M, int K, int N, int G, bool bf16=False, int bps=0, int splits=0, int scaling=0, "
-        "int pdl=0, int prefetch=0) -> int[]",
+        "int pdl=0, int prefetch=0, int bulk=0) -> int[]",
         &cuda_gemm_plan);
   m.def("_cuda_capture_id() -> int", &cuda_capture_id);
 }

@@ -9,8 +9,8 @@
 
 namespace w4a16 {
 namespace gemm {
-extern template cudaError_t launch_gemm_t<__half>(const KParams&, int, bool, int, bool, cudaStream_t, int*);
-extern template cudaError_t launch_gemm_t<__nv_bfloat16>(const KParams&, int, bool, int, bool, cudaStream_t, int*);
+extern template cudaError_t launch_gemm_t<__half>(const KParams&, int, bool, bool, int, bool, cudaStream_t, int*);
+extern template cudaError_t launch_gemm_t<__nv_bfloat16>(const KParams&, int, bool, bool, int, bool, cudaStream_t, int*);
 }  // namespace gemm
 
 namespace {
@@ -45,11 +45,13 @@ cudaError_t plan_gemm(int M, int K, int N, int G, bool bf16, int num_sms, int cc
   pl.mb = cdiv(m16, pl.m_chunks);  // balanced chunks: M = 65 runs as 48 + 17 rows, not 64 + 1
   // fp32 group scaling (MB <= 2 instances): the measured default unless a tuning run asks for one or the other.
   pl.f32s = pl.mb <= 2 && (tuning.scaling == 2 || (tuning.scaling == 0 && f32_scale_default(pl.mb))) ? 1 : 0;
+  // The bulk-copy weight ring (an experiment, off unless asked for): MB = 1, 16-bit scaling, sm_90.
+  pl.bulk = tuning.bulk == 1 && cc_major >= 9 && pl.mb == 1 && !pl.f32s ? 1 : 0;
   int occupancy = 0;
   gemm::KParams none{};
   const cudaError_t err =
-      bf16 ? gemm::launch_gemm_t<__nv_bfloat16>(none, pl.mb, pl.f32s != 0, 0, false, nullptr, &occupancy)
-           : gemm::launch_gemm_t<__half>(none, pl.mb, pl.f32s != 0, 0, false, nullptr, &occupancy);
+      bf16 ? gemm::launch_gemm_t<__nv_bfloat16>(none, pl.mb, pl.f32s != 0, pl.bulk != 0, 0, false, nullptr, &occupancy)
+           : gemm::launch_gemm_t<__half>(none, pl.mb, pl.f32s != 0, pl.bulk != 0, 0, false, nullptr, &occupancy);
   if (err != cudaSuccess) return err;
   pl.blocks_per_sm = tuning.bps > 0 && tuning.bps < occupancy ? tuning.bps : occupancy;
   pl.slabs = gemm::slabs_of(pl.mb);
@@ -112,8 +114,9 @@ cudaError_t launch_gemm(const GemmArgs& a, const GemmPlan& pl, float* ws, int* l
   kp.pf = pl.pf;
   if (a.M <= 0 || pl.total <= 0) return cudaSuccess;
   const bool pdl = pl.pdl != 0;
-  if (a.bf16) return gemm::launch_gemm_t<__nv_bfloat16>(kp, pl.mb, pl.f32s != 0, pl.grid, pdl, stream, nullptr);
-  return gemm::launch_gemm_t<__half>(kp, pl.mb, pl.f32s != 0, pl.grid, pdl, stream, nullptr);
+  const bool bulk = pl.bulk != 0;
+  if (a.bf16) return gemm::launch_gemm_t<__nv_bfloat16>(kp, pl.mb, pl.f32s != 0, bulk, pl.grid, pdl, stream, nullptr);
+  return gemm::launch_gemm_t<__half>(kp, pl.mb, pl.f32s != 0, bulk, pl.grid, pdl, stream, nullptr);
 }
 
 // ---------------------------------------------------------------- dequantize

@@ -3,6 +3,6 @@
 
 namespace w4a16 {
 namespace gemm {
-template cudaError_t launch_gemm_t<__half>(const KParams&, int, bool, int, bool, cudaStream_t, int*);
+template cudaError_t launch_gemm_t<__half>(const KParams&, int, bool, bool, int, bool, cudaStream_t, int*);
 }  // namespace gemm
 }  // namespace w4a16

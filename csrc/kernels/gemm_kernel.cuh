@@ -96,6 +96,64 @@ __device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
 #endif
 }
 
+// Bulk-copy weight ring (BULK instances, sm_90): one thread copies a stage's weights with cp.async.bulk, completing
+// on the slot's mbarrier; every thread waits on that barrier's phase before reading the slot.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr bool kBulkArch = true;
+#else
+constexpr bool kBulkArch = false;
+#endif
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+#endif
+}
+
+// This thread's arrival, announcing `bytes` of bulk copies that complete on the barrier.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
+}
+
+// Waits until the barrier's phase with this parity has completed. Bounded: a barrier that never completes would be a
+// bug; trapping turns a hang of the whole GPU stream into an error.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  for (uint32_t tries = 0;; ++tries) {
+    uint32_t done;
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+    if (done) return;
+    if (tries > (1u << 26)) __trap();
+  }
+#endif
+}
+
+// bytes (% 16 == 0) from global src to shared dst (both 16-byte aligned), counted on bar when they land.
+__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
+                                              uint64_t policy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::"r"(
+          smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
+      : "memory");
+#endif
+}
+
+// Orders this thread's (and, after a barrier, the block's) earlier generic-proxy shared-memory accesses before its
+// later async-proxy ones (the bulk copy refilling a slot the warps just read).
+__device__ __forceinline__ void fence_proxy_async_smem() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 // Programmatic dependent launch (sm_90; no-ops when the launch did not ask for it). wait: returns once the
 // kernels this one depends on have finished and their writes are visible; launch_dependents: the next kernel
 // launched with programmatic stream serialization may start (it still waits for all of this one before reading).
@@ -291,14 +349,18 @@ __device__ __forceinline__ void clear_acc(float (&acc)[MB][8][4]) {
 // per two weights, and one rounding fewer); with smaller groups the instance scales the 16-bit weights as before.
 // ---------------------------------------------------------------- the kernel
 
-template <typename T, int MB, bool F32S>
+// BULK (MB = 1, sm_90; an experiment behind GemmTuning.bulk): the stage's weights come by cp.async.bulk issued by one
+// thread (8 copies of up to 2 KB) instead of 8 cp.async per thread, cutting the per-stage copy setup.
+template <typename T, int MB, bool F32S, bool BULK_REQ = false>
 __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(const KParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using C = Cfg<MB>;
   using O = Ops<T>;
   constexpr int STAGES = C::STAGES, SLABS = C::SLABS;
+  constexpr bool BULK = BULK_REQ && kBulkArch;  // below sm_90 the instance is the plain kernel
   extern __shared__ int4 smem[];
   __shared__ int last_flag;
+  __shared__ __align__(8) uint64_t wbar[STAGES];  // BULK: one barrier per ring slot
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gq = lane >> 2, tq = lane & 3;  // mma fragment row group / column pair
@@ -346,9 +408,19 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
     }
     int4* st = smem + slot * C::STAGE_INT4;
     const int kt0 = kit * SLABS, k0 = kt0 * 16;
-    // Weights: each thread copies its own lane's 16 bytes of its own warp's tile, for every slab of the stage.
+    // Weights: each thread copies its own lane's 16 bytes of its own warp's tile, for every slab of the stage (BULK:
+    // thread 0 copies each slab's row of the block's up to 4 adjacent tiles, the same bytes in the same places).
     const int tile = nc * kWarps + warp;
-    if (tile < p.Nt) {
+    if constexpr (BULK) {
+      if (tid == 0) {
+        const int nslab = min(SLABS, p.Kt - kt0);
+        const uint32_t bytes = 512u * min(kWarps, p.Nt - nc * kWarps);
+        fence_proxy_async_smem();
+        mbar_arrive_expect_tx(&wbar[slot], bytes * nslab);
+        const int4* src = p.qweight + kt0 * q_row + (size_t)nc * kWarps * 32;
+        for (int s = 0; s < nslab; ++s) bulk_copy_g2s(st + s * kWarps * 32, src + s * q_row, bytes, &wbar[slot], policy);
+      }
+    } else if (tile < p.Nt) {
       const int4* src = p.qweight + kt0 * q_row + (size_t)tile * 32 + lane;
       int4* dst = st + warp * 32 + lane;
       const int nslab = min(SLABS, p.Kt - kt0);
@@ -582,6 +654,12 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
   // --- the pipeline. Before the dependency wait only L2 prefetches of the weights (read-only hints); x, scales,
   // zeros, the workspace, the counters and out are touched after it (a previous kernel may write any of them).
   for (int i = 0; i < p.pf && start + i < end; ++i) prefetch_next();
+  uint32_t phases = 0;  // BULK: bit i = parity of slot i's next barrier phase
+  if constexpr (BULK) {
+    if (tid == 0)
+      for (int i = 0; i < STAGES; ++i) mbar_init(&wbar[i], 1);
+    __syncthreads();
+  }
   grid_dependency_wait();
   grid_launch_dependents();  // the next layer's blocks may take SMs as ours retire and start their prefetches
 #pragma unroll
@@ -593,6 +671,10 @@ __global__ void __launch_bounds__(kThreads, Cfg<MB>::MIN_BLOCKS) gemm_kernel(con
   int col = start / p.k_iters, kit = start - col * p.k_iters, nc = col % p.n_cols;
   for (int it = start; it < end; ++it) {
     cp_async_wait<STAGES - 2>();
+    if constexpr (BULK) {
+      mbar_wait(&wbar[slot], (phases >> slot) & 1u);
+      phases ^= 1u << slot;
+    }
     __syncthreads();  // stage `slot` is visible to all; everyone is done with the slot refilled next
     if (it + STAGES - 1 < end) load_stage(slot == 0 ? STAGES - 1 : slot - 1);
     cp_async_commit();
@@ -633,7 +715,7 @@ inline int smem_bytes_of(int mb) {
 inline int slabs_of(int mb) { return mb <= 2 ? Cfg<1>::SLABS : Cfg<4>::SLABS; }
 
 // Sets the instance's shared-memory limit once per device; returns how many blocks of it fit on one SM.
-template <typename T, int MB, bool F32S>
+template <typename T, int MB, bool F32S, bool BULK = false>
 cudaError_t prepare_cfg(int* blocks_per_sm) {
   constexpr int smem = Cfg<MB>::SMEM_BYTES;
   static int occupancy[64] = {};  // per device, 0 = not prepared yet; a benign race sets it twice
@@ -644,10 +726,10 @@ cudaError_t prepare_cfg(int* blocks_per_sm) {
     *blocks_per_sm = occupancy[dev];
     return cudaSuccess;
   }
-  err = cudaFuncSetAttribute(gemm_kernel<T, MB, F32S>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  err = cudaFuncSetAttribute(gemm_kernel<T, MB, F32S, BULK>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   int n = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_kernel<T, MB, F32S>, kThreads, smem);
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemm_kernel<T, MB, F32S, BULK>, kThreads, smem);
   if (err != cudaSuccess) return err;
   if (n < 1) return cudaErrorInvalidConfiguration;
   if (dev < 64) occupancy[dev] = n;
@@ -657,10 +739,10 @@ cudaError_t prepare_cfg(int* blocks_per_sm) {
 
 // pdl: launch with programmatic stream serialization (sm_90 only: the caller checks the device), so this kernel's
 // blocks may start while the previous kernel in the stream finishes (the kernel waits before reading its inputs).
-template <typename T, int MB, bool F32S>
+template <typename T, int MB, bool F32S, bool BULK = false>
 cudaError_t launch_cfg(const KParams& kp, int grid, bool pdl, cudaStream_t stream, int* blocks_per_sm) {
   int n = 0;
-  cudaError_t err = prepare_cfg<T, MB, F32S>(&n);
+  cudaError_t err = prepare_cfg<T, MB, F32S, BULK>(&n);
   if (err != cudaSuccess) return err;
   if (blocks_per_sm != nullptr) {  // query only
     *blocks_per_sm = n;
@@ -676,14 +758,16 @@ cudaError_t launch_cfg(const KParams& kp, int grid, bool pdl, cudaStream_t strea
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, gemm_kernel<T, MB, F32S>, kp);
+  return cudaLaunchKernelEx(&cfg, gemm_kernel<T, MB, F32S, BULK>, kp);
 }
 
-// The instances of one dtype (defined in gemm_f16.cu / gemm_bf16.cu): MB = 1..4, and fp32 group scaling (f32s) at
-// MB <= 2 (ignored above). With blocks_per_sm set, only reports how many blocks of the instance fit on one SM.
+// The instances of one dtype (defined in gemm_f16.cu / gemm_bf16.cu): MB = 1..4, fp32 group scaling (f32s) at
+// MB <= 2 (ignored above), and the bulk-copy weight ring (bulk) at MB = 1 with 16-bit scaling only. With blocks_per_sm set, only reports how many blocks of the instance fit on one SM.
 template <typename T>
-cudaError_t launch_gemm_t(const KParams& kp, int mb, bool f32s, int grid, bool pdl, cudaStream_t stream,
+cudaError_t launch_gemm_t(const KParams& kp, int mb, bool f32s, bool bulk, int grid, bool pdl, cudaStream_t stream,
                           int* blocks_per_sm) {
+  if (bulk) return mb == 1 && !f32s ? launch_cfg<T, 1, false, true>(kp, grid, pdl, stream, blocks_per_sm)
+                                    : cudaErrorInvalidValue;
   switch (mb * 2 + (f32s && mb <= 2 ? 1 : 0)) {
     case 2: return launch_cfg<T, 1, false>(kp, grid, pdl, stream, blocks_per_sm);
     case 3: return launch_cfg<T, 1, true>(kp, grid, pdl, stream, blocks_per_sm);

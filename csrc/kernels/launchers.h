@@ -42,6 +42,7 @@ struct GemmPlan {
   int64_t locks;      // int32 counters the launch needs, all zero before and after it
   int smem_bytes;
   int pdl;            // 1: launched with programmatic stream serialization (sm_90)
+  int bulk;           // 1: the bulk-copy weight ring instance (sm_90, MB = 1)
   int pf;             // L2 prefetch distance in iterations (0: none)
 };
 
@@ -49,13 +50,15 @@ struct GemmPlan {
 // blocks per SM; max_splits: at most this many blocks per column; scaling: 1 = scale the 16-bit weights, 2 = scale
 // fp32 partial sums per stage (MB <= 2); pdl: 1 = plain launch, 2 = programmatic dependent launch on sm_90 (0: the
 // default, gemm.cu kPdlDefault);
-// prefetch: -1 = no L2 prefetch, n > 0 = prefetch the weights n iterations ahead (sm_90).
+// prefetch: -1 = no L2 prefetch, n > 0 = prefetch the weights n iterations ahead (sm_90); bulk: 1 = the bulk-copy
+// weight ring at MB = 1 with 16-bit scaling (sm_90; an experiment, else ignored).
 struct GemmTuning {
   int bps = 0;
   int max_splits = 0;
   int scaling = 0;
   int pdl = 0;
   int prefetch = 0;
+  int bulk = 0;
 };
 
 // The partition of one call on the current device. num_sms: its multiprocessors; cc_major: its compute capability's
