@@ -297,15 +297,34 @@ def case_from_pretrained(seed: int, path: str, engine: str = "torch") -> None:
     same_everywhere(out, "from_pretrained")
 
 
+def case_compiled(seed: int) -> None:
+    """Sharded layers under torch.compile(fullgraph=True): the collectives trace without graph breaks
+    (aot_eager: the graph, without inductor's C++ compile time) and give the eager result."""
+    torch.manual_seed(seed)
+    seq = nn.Sequential(random_layer(256, 392, 64, False, bias=True), random_layer(392, 256, -1, True, bias=True))
+    for model, plan in ((MLP(256, 512, 64, False), MLP_PLAN), (seq, {"0": "colwise_rep", "1": "rowwise_rep"})):
+        x = torch.randn(3, 256).to(DTYPE)
+        with torch.no_grad():
+            ref = model(x)
+            tp.shard_model(model, plan, uneven=True)  # seq: 392 columns = 49 units of 8, split unevenly
+            eager = model(x)
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        assert torch.equal(compiled, eager), f"{type(model).__name__}: compiled differs from eager"
+        check(eager, ref, f"{type(model).__name__} sharded vs single-process")
+
+
 def case_bench_dry_run(seed: int, out: str) -> None:
     """benchmarks/bench_tp.py's dry run in this process group (tiny shapes, gloo, its own output check)."""
     from benchmarks import bench_tp
 
-    rows = bench_tp.run(bench_tp.parse_args(["--out", out, "--dry-run", "--zeros"]))
-    assert (rows is None) == (dist.get_rank() != 0)
+    os.environ.pop("NCCL_NVLS_ENABLE", None)
+    bench_tp.main(["--out", out, "--dry-run", "--zeros"])
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0", "bench_tp must turn NVLink multicast off when unset"
 
 
 CASES = {
+    "compiled": case_compiled,
     "bench_dry_run": case_bench_dry_run,
     "from_pretrained": case_from_pretrained,
     "block": case_block,

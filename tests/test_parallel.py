@@ -145,6 +145,7 @@ def test_two_ranks(tmp_path):
         ("from_pretrained", str(ckpt)),
         ("from_pretrained", str(ckpt), "transformers"),
         ("bench_dry_run", str(tmp_path / "bench")),
+        ("compiled",),
     ]
     spawn(2, cases, tmp_path)
     with open(tmp_path / "bench" / "bench_tp.csv") as f:
@@ -153,7 +154,7 @@ def test_two_ranks(tmp_path):
     assert {r["what"] for r in rows} == {"layer:gate_up", "layer:down", "layer:qkv", "layer:o", "step"}
     assert all(r["world_size"] == "2" and r["zeros"] == "True" and float(r["speedup"]) > 0 for r in rows)
     md = (tmp_path / "bench" / "bench_tp.md").read_text()
-    assert "2 x CPU (dry run)" in md and "NCCL_NVLS_ENABLE=" in md
+    assert "2 x CPU (dry run)" in md and "NCCL_NVLS_ENABLE=0" in md
 
 
 def test_four_ranks(tmp_path):
