@@ -15,8 +15,9 @@ added once, after the sum. "colwise_rep" / "colwise_gather_output" all-gather th
 those of transformers' tp_plan, so a model's own plan (config.base_model_tp_plan) applies unchanged.
 
 Every per-rank tensor is made from the logical values (unpack -> slice -> pack), never by slicing
-packed words: a qweight word holds 8 rows x columns of a 16 x 64 tile, so a slice of words is not a
-slice of the weight. The rules a split must keep (checked, ValueError naming the layer, the world
+packed words: a qweight word holds the nibbles of rows k, k + 1, k + 8, k + 9 and columns n, n + 8
+of a 16 x 64 tile, and the tiles pad K to 16 and N to 64, so a slice of words is not a slice of the
+weight (and a rank's N_r or K_r need not be a multiple of a tile: it is repacked). The rules a split must keep (checked, ValueError naming the layer, the world
 size and the rule):
 
 - column-parallel: every rank's N_r % 8 == 0 (the op's rule, and zero points pack 8 columns a word).
@@ -34,8 +35,22 @@ size and the rule):
   Row-parallel is supported when every quantization group's input rows lie within one rank's K range
   (the rank then reorders its own rows with a local perm); otherwise the group would be cut and
   this raises. Such checkpoints can be served column-parallel, or re-quantized without act-order.
+- attention (a transformers model's config): num_attention_heads and num_key_value_heads must divide
+  by the world size, so each rank holds whole heads.
+The checks do not depend on the rank, so every rank raises the same error before any layer changes.
 
-Forward only: the collectives are torch.distributed's in-place ones and carry no gradient.
+Who runs the collectives (shard_model's engine): "torch", this package's ColumnParallelW4A16Linear /
+RowParallelW4A16Linear (dist.all_gather / dist.all_reduce; torch.compile(fullgraph=True) traces
+them); or "transformers", its own ColwiseParallel / RowwiseParallel (DTensor) installed on local
+W4A16Linear shards. transformers' loader itself (from_pretrained(tp_plan="auto")) cannot shard our
+layers: it shards parameters by DTensor placement (our tensors are buffers, and a slice of packed
+words is not a slice of the weight), and it installs its styles before the quantizer has built the
+layers. So: load (w4a16_ops.from_pretrained, swap_linears, converters), then shard_model.
+
+Layer level: plan_split (the per-rank sizes, or the error), shard_weights (a rank's shard from
+logical values), shard_linear (from a W4A16Linear), Column/RowParallelW4A16Linear.from_layer.
+Forward only: the collectives are torch.distributed's in-place ones and carry no gradient. Every rank
+loads the whole model before sharding (peak: the model plus one layer's shard).
 """
 
 from .layers import ColumnParallelW4A16Linear, RowParallelW4A16Linear
