@@ -237,8 +237,8 @@ def _copies(layers: List[Built], device) -> list:
         return [layers]
     from .timing import copies_needed
 
-    nbytes = sum(t.numel() * t.element_size() for b in layers for t in (*b.packed, b.dense) if t is not None)
-    n = copies_needed(nbytes // 2)  # each kind reads half of it: the packed or the dense copy
+    # Sized by the packed weights (the smaller): enough copies for them are more than enough for fp16.
+    n = copies_needed(sum(t.numel() * t.element_size() for b in layers for t in b.packed if t is not None))
     clone = lambda b: b._replace(  # noqa: E731
         packed=type(b.packed)(*(t if t is None else t.clone() for t in b.packed)), dense=b.dense.clone())
     return [layers] + [[clone(b) for b in layers] for _ in range(n - 1)]
@@ -340,7 +340,8 @@ def run(args) -> Optional[list]:
         gpu = torch.cuda.get_device_name(device)
     else:
         device, gpu = torch.device("cpu"), "CPU (dry run)" if args.dry_run else "CPU"
-    per_block = {b: run_block(args, b, rank, world, device) for b in args.blocks}
+    with torch.no_grad():
+        per_block = {b: run_block(args, b, rank, world, device) for b in args.blocks}
     gathered = [None] * world
     dist.all_gather_object(gathered, per_block)
     if rank != 0:
