@@ -25,20 +25,21 @@ ENV_VAR = "W4A16_BACKEND"  # "auto" (default), "cuda", "triton" or "reference"
 _DEFAULT_ORDER = ("cuda", "triton", "reference")
 
 # Measured preference by GPU family (compute capability major), shape class and M: per class, buckets of (first M
-# past the range, order). From benchmarks/results/h100_bench_op_full.md and h100_bench_op_subsets.md (H100, 14
-# shapes x 14 M at fp16 G = 128, plus bf16, G = 32 and channelwise subsets), where the CUDA kernel leads at small M
-# on every shape and at 128 <= M < 512 on the large layers (its fused kernel; Triton dequantizes + cuBLAS there),
-# Triton's tl.dot kernel at 16 <= M < 64 when K % 128 != 0 (the CUDA kernel runs a K tail) and at 64 <= M < 128,
-# and Triton's L2-chunked dequantize + cuBLAS from M = 512 (ties within a few % from M = 256).
+# past the range, order). sm_9x below M = 64: the H100 sweep (benchmarks/results/h100_bench_op_full.md and
+# h100_bench_op_subsets.md: 14 shapes x 14 M at fp16 G = 128, plus bf16, G = 32 and channelwise subsets), where the
+# CUDA kernel leads at small M on every shape but Triton's tl.dot kernel leads at 16 <= M < 64 when K % 128 != 0
+# (the CUDA kernel runs a K tail). From M = 64 to 511: the CUDA backend's wgmma kernel (sm_90a build), measured on
+# the H200 (notes/sm90.md: 1.3-2.8x faster than the mma.sync kernel and dequantize + cuBLAS, which both backends ran
+# there before). From M = 512: Triton's L2-chunked dequantize + cuBLAS (H100: ties within a few % from M = 256).
 # Families not measured use _DEFAULT_ORDER. The points where this table is more than 5% off the fastest forced
 # backend are listed in notes/dispatch.md.
 _C, _T = ("cuda", "triton", "reference"), ("triton", "cuda", "reference")
 _MEASURED_ORDER = {
     9: {
-        "large": ((64, _C), (128, _T), (512, _C), (None, _T)),
-        "large, K % 128 != 0": ((16, _C), (128, _T), (512, _C), (None, _T)),
-        "small": ((64, _C), (None, _T)),
-        "small, K % 128 != 0": ((16, _C), (None, _T)),
+        "large": ((512, _C), (None, _T)),
+        "large, K % 128 != 0": ((16, _C), (64, _T), (512, _C), (None, _T)),
+        "small": ((512, _C), (None, _T)),
+        "small, K % 128 != 0": ((16, _C), (64, _T), (512, _C), (None, _T)),
     },
 }
 SMALL_WEIGHTS = 1 << 24  # K * N at or below this is "small" (Llama-3-8B o_proj, 4096 x 4096, is the largest)
