@@ -5,7 +5,8 @@
 Covers: split columns (cross-block reduction), zeros, both dtypes, N % 64 != 0, a K tail, two M chunks, x padding
 (K % 8 != 0) and the dequantize + dense GEMM path. Each result is also checked against the float64 reference.
 Every case runs twice: with the default launch, and (on sm_90) with programmatic dependent launch and the L2
-weight prefetch on, followed there by a chain of calls where each reads the previous call's output.
+weight prefetch on, followed there by a chain of calls where each reads the previous call's output. On sm_90 with
+the sm_90a build, the wgmma kernel's cases follow (SM90_CASES: both block heights, split-K, zeros, tails).
 """
 
 import os
@@ -28,6 +29,13 @@ CASES = [  # M, K, N, G, zeros, dtype
     (16, 4096, 512, 128, False, torch.bfloat16),  # M = 16: 8 blocks per column, the parallel finalize
 ]
 
+
+SM90_CASES = [  # M, K, N, G, zeros, dtype, splits, bm
+    (64, 1024, 320, 64, True, torch.float16, 0, 0),  # split-K (default plan), N tail inside a 256-column block
+    (130, 2112, 192, 64, False, torch.bfloat16, 1, 128),  # M past one 128-row block, K tail, N < 256
+    (37, 200, 136, 200, True, torch.float16, 3, 64),  # channelwise, K % 64 != 0, split-K with a short last slice
+    (256, 1536, 512, 32, True, torch.bfloat16, 0, 0),  # G = 32: two scale rows per stage
+]
 
 TUNINGS = [(0, 0, 0, 0, 0), (0, 0, 0, 2, 4)]  # default; PDL + L2 prefetch 4 iterations ahead (sm_90)
 
@@ -54,6 +62,15 @@ def main():
             x = y
         torch.cuda.synchronize()
         print(f"ok chain of 3 calls, tuning={tuning}")
+    if torch.cuda.get_device_capability()[0] == 9 and cuda_backend.sm90_built():
+        for M, K, N, G, zeros, dtype, splits, bm in SM90_CASES:
+            case = make_case(M, K, N, G, zeros=zeros, dtype=dtype, device="cuda", seed=M * K + N)
+            x2d = cuda_backend._x_ready(case.x)
+            out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+            torch.ops.w4a16._cuda_gemm_sm90(x2d, case.qweight, case.scales, case.zeros, out, splits, bm)
+            torch.cuda.synchronize()
+            err = assert_close_to_reference(out, case, f"sm90 M={M} K={K} N={N} splits={splits} bm={bm}")
+            print(f"ok sm90 M={M} K={K} N={N} G={G} zeros={zeros} {dtype} splits={splits} bm={bm}: rel err {err:.2e}")
     print("sanitize cases: all ok")
 
 
