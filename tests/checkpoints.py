@@ -65,9 +65,10 @@ def _dense_state(model) -> Dict[str, torch.Tensor]:
 
 
 def write_compressed_tensors(model, path, *, symmetric, strategy="group", group_size=64, ignore=("lm_head",),
-                             shards=1):
+                             shards=1, decompress=True):
     """Quantize model's linears with compressed-tensors and save a pack-quantized directory.
-    Returns {layer name: the library's own decompressed weight [N, K]} for the checks."""
+    Returns {layer name: the library's own decompressed weight [N, K]} for the checks (empty
+    without decompress)."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
     from compressed_tensors.quantization import (
@@ -101,7 +102,7 @@ def write_compressed_tensors(model, path, *, symmetric, strategy="group", group_
     compressor.update_config(path)
     decompressed = {}
     for name, m in model.named_modules():
-        if hasattr(m, "weight_packed"):
+        if decompress and hasattr(m, "weight_packed"):
             layer = {k.rpartition(".")[2]: v for k, v in state.items() if k.rpartition(".")[0] == name}
             decompressed[name] = PackedQuantizationCompressor.decompress(layer, m.quantization_scheme)["weight"]
     return decompressed

@@ -12,9 +12,9 @@ import torch
 
 from w4a16_ops import W4A16Linear, from_pretrained
 
-from checkpoints import tiny_llama, write_compressed_tensors
+from checkpoints import tiny_llama, write_awq, write_compressed_tensors, write_gptq
 
-_NEEDED = ("transformers", "accelerate", "safetensors", "compressed_tensors")
+_NEEDED = ("transformers", "safetensors", "compressed_tensors")
 _HAVE = all(importlib.util.find_spec(m) for m in _NEEDED)
 pytestmark = pytest.mark.skipif(not (_HAVE or os.environ.get("CI")), reason=f"needs {', '.join(_NEEDED)}")
 
@@ -64,6 +64,25 @@ def test_saved_w4a16_directory_loads_with_plain_transformers(tmp_path, hf):
     assert sum(isinstance(m, W4A16Linear) for m in again.modules()) == 14
     ids = torch.randint(0, 512, (1, 5))
     assert torch.equal(logits(model, ids), logits(again, ids))
+
+
+@pytest.mark.parametrize("fmt", ["gptq-v1", "gptq-v2", "awq"])
+def test_gptq_and_awq_through_transformers_configs(tmp_path, hf, fmt):
+    # transformers parses these configs with its own GPTQConfig / AwqConfig; the plan must read them the same.
+    from transformers import AutoModelForCausalLM
+
+    if fmt == "awq":
+        write_awq(tiny_llama(), str(tmp_path), modules_to_not_convert=["o_proj"])
+    else:
+        write_gptq(tiny_llama(), str(tmp_path), version=int(fmt[-1]), sym=False, desc_act=fmt == "gptq-v2")
+    hf.enable(["gptq", "awq"])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    names = sorted(n for n, m in model.named_modules() if isinstance(m, W4A16Linear))
+    assert names == sorted(n for n, m in ours.named_modules() if isinstance(m, W4A16Linear))
+    assert len(names) == (12 if fmt == "awq" else 14)
+    ids = torch.randint(0, 512, (2, 6))
+    assert torch.equal(logits(model, ids), logits(ours, ids))
 
 
 def test_enable_rejects_unknown_methods(hf):

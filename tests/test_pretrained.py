@@ -29,7 +29,7 @@ from checkpoints import (
 )
 from helpers import TOLERANCE, Case, assert_close_to_reference, rel_err
 
-_NEEDED = ("transformers", "accelerate", "safetensors", "compressed_tensors")
+_NEEDED = ("transformers", "safetensors", "compressed_tensors")
 _HAVE = all(importlib.util.find_spec(m) for m in _NEEDED)
 # CI installs them (requirements-ci.txt) and must not skip; elsewhere the module skips.
 pytestmark = pytest.mark.skipif(not (_HAVE or os.environ.get("CI")), reason=f"needs {', '.join(_NEEDED)}")

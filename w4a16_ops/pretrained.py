@@ -241,7 +241,8 @@ def _gptq_rules(cfg):
 
 
 def _plan_gptq(linears, cfg, keys) -> Dict[str, LayerPlan]:
-    fmt = str(cfg.get("checkpoint_format", "gptq")).lower()
+    # GPTQModel writes "format" where AutoGPTQ / transformers write "checkpoint_format"; neither = v1.
+    fmt = str(cfg.get("checkpoint_format") or cfg.get("format") or "gptq").lower()
     if fmt not in ("gptq", "gptq_v2", "gptq_v1"):
         _fail(f"GPTQ checkpoint_format must be 'gptq' (v1) or 'gptq_v2', the config says {fmt!r}")
     skip = list(cfg.get("modules_to_not_convert") or [])
