@@ -329,13 +329,13 @@ def measure_point(rows, meta, p: Point, names, all_kernels, args) -> None:
             if isinstance(calls, str):
                 results[name] = (None, calls)
                 continue
+            # A graph reads the tensors the calls hold (x, weight copies) without owning them: keep them alive
+            # until it is timed (torch.cuda.graph empties the cache before each capture, freeing dropped ones).
+            keep.append(calls)
             with forced(name[len("w4a16_"):] if name.startswith("w4a16_") else "auto"):
                 runs[name] = (prepare(calls), len(calls))
                 if name == "dense":
                     runs[NOISE_TWIN] = (prepare(calls), len(calls))
-            # The graph reads the tensors the calls hold (x, weight copies) without owning them: keep them alive
-            # until it is timed (torch.cuda.graph empties the cache before each capture, freeing dropped ones).
-            keep.append(calls)
         except Exception as e:  # one kernel failing (out of memory, a peer's bug) is a row, not the end of the run
             results[name] = (None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
         finally:
