@@ -141,6 +141,23 @@ def run_point(K, N, M, reps, bw, dev):
     return rows
 
 
+def summarize(rows):
+    """Per variant, its time over its baseline's (plain, or plain+ew / plain+z for the +ew / +z variants),
+    geometric mean over the points with M <= 16 and the range: the numbers a default is decided by."""
+    by = {(r["K"], r["N"], r["M"], r["variant"]): r["us"] for r in rows}
+    pts = sorted({(K, N, M) for K, N, M, _ in by if M <= 16})
+    print("\nvariant vs its baseline at M <= 16 (geometric mean of time ratios; < 1 = faster):")
+    for v in VARIANTS:
+        base = ("plain+ew" if v.endswith("+ew") and v != "plain+ew"
+                else "plain+z" if v.endswith("+z") and v != "plain+z" else "plain")
+        if v == base:
+            continue
+        rs = [by[pt + (v,)] / by[pt + (base,)] for pt in pts if pt + (v,) in by and pt + (base,) in by]
+        if rs:
+            gm = math.exp(sum(math.log(r) for r in rs) / len(rs))
+            print(f"  {v:<14} vs {base:<9} {gm:.3f}  (min {min(rs):.3f}, max {max(rs):.3f}, {len(rs)} points)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
@@ -162,6 +179,7 @@ def main():
             except Exception as e:  # one failing point must not lose the others' numbers
                 print(f"{K}x{N} M={M}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             torch.cuda.empty_cache()
+    summarize(rows)
     if args.out and rows:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "decode_timing.csv"), "w", newline="") as f:
