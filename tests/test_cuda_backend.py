@@ -454,6 +454,46 @@ def test_twenty_thousand_captured_calls_fit_the_arena():
     assert arena.next <= 100 * 2 * 448 and arena.free() > 0.9 * cuda_backend._ARENA_INTS
 
 
+def test_locks_serve_captures_from_the_arena_and_replace_it_outside_capture(monkeypatch):
+    # The whole counter logic of backends/cuda.py._locks on CPU tensors: eager calls use the per-stream buffer and
+    # keep the arena at least a quarter free (replacing it, the old one kept alive); captured calls take one block
+    # per (capture, stream) and record a memset of their own only when the arena has no room.
+    from w4a16_ops.backends import _buffers
+
+    state = {"capturing": False, "id": 0}
+    monkeypatch.setattr(cuda_backend, "_capturing", lambda: state["capturing"])
+    monkeypatch.setattr(cuda_backend, "_capture_id", lambda: state["id"])
+    monkeypatch.setattr(cuda_backend, "_raw_stream", lambda index: 7)
+    monkeypatch.setattr(cuda_backend, "persistent_zeros", lambda device, n: torch.zeros(n, dtype=torch.int32))
+    monkeypatch.setattr(cuda_backend, "_ARENA_INTS", 1024)
+    monkeypatch.setattr(cuda_backend, "_locks_arena", {})
+    monkeypatch.setattr(cuda_backend, "_locks_cache", {})
+    monkeypatch.setattr(cuda_backend, "_captured_memsets", 0)
+    dev = torch.device("cpu")
+
+    eager = cuda_backend._locks(dev, 100)
+    assert eager.numel() >= 100 and cuda_backend._locks_arena[None].free() == 1024
+    state["capturing"] = True
+    blocks = []
+    for capture in range(1, 8):  # seven captures of twelve calls each: one 128-counter block each
+        state["id"] = capture
+        got = {cuda_backend._locks(dev, n).data_ptr() for n in (100, 50, 100, 1) for _ in range(3)}
+        assert len(got) == 1, f"capture {capture} got {len(got)} blocks"
+        blocks.append(got.pop())
+    assert len(set(blocks)) == 7 and eager.data_ptr() not in blocks
+    first = cuda_backend._locks_arena[None]
+    assert first.free() == 1024 - 7 * 128 and cuda_backend._captured_memsets == 0
+    state["capturing"] = False
+    cuda_backend._locks(dev, 100)  # eager: less than a quarter is left -> a fresh arena
+    assert cuda_backend._locks_arena[None] is not first and any(b is first.buf for b in _buffers._retired)
+    state["capturing"], state["id"] = True, 8
+    fresh = cuda_backend._locks(dev, 100)
+    assert fresh.data_ptr() not in blocks and cuda_backend._captured_memsets == 0
+    state["id"] = 9
+    own = cuda_backend._locks(dev, 4096)  # more than the arena holds: its own zeroed buffer (a recorded memset)
+    assert own.numel() == 4096 and int(own.abs().sum()) == 0 and cuda_backend._captured_memsets == 1
+
+
 def test_tuning_default_and_the_pdl_switch():
     assert len(cuda_backend.TUNING) == 6
     assert cuda_backend._default_tuning({}) == (0, 0, 0, 0, 0, 0)

@@ -153,11 +153,25 @@ class _Arena:
         return blk
 
 
+# The raw queries _locks makes (the torch.cuda wrappers cost microseconds per call); module functions so that the
+# counter logic is testable without a GPU.
+def _capturing() -> bool:
+    return torch._C._cuda_isCurrentStreamCapturing()
+
+
+def _raw_stream(index) -> int:
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
+def _capture_id() -> int:
+    return torch.ops.w4a16._cuda_capture_id()
+
+
 def _locks(device: torch.device, n: int) -> torch.Tensor:
-    if torch._C._cuda_isCurrentStreamCapturing():  # the torch.cuda wrappers cost microseconds per call
+    if _capturing():
         arena = _locks_arena.get(device.index)
         if arena is not None:
-            key = (torch.ops.w4a16._cuda_capture_id(), torch._C._cuda_getCurrentRawStream(device.index))
+            key = (_capture_id(), _raw_stream(device.index))
             blk = arena.block(key, n)
             if blk is not None:
                 return blk
@@ -170,7 +184,7 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
         if arena is not None:
             retire(arena.buf)  # graphs captured earlier keep using their blocks in it
         _locks_arena[device.index] = _Arena(persistent_zeros(device, max(_ARENA_INTS, 4 * n)))
-    key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    key = (device.index, _raw_stream(device.index))
     buf = _locks_cache.get(key)
     if buf is None or buf.numel() < n:
         retire(buf)
