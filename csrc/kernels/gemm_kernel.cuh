@@ -1,7 +1,7 @@
 // The W4A16 GEMM kernel (Marlin-class): out[M, N] = x[M, K] @ W, W = (q - z) * s in the packed format of
 // w4a16_ops/format.py. No torch headers: compiles with plain nvcc. Included by gemm_f16.cu / gemm_bf16.cu, which
-// instantiate it for one dtype each (so the two build in parallel), six instances each (MB = 1..4, and MB <= 2
-// with fp32 group scaling).
+// instantiate it for one dtype each (so the two build in parallel), seven instances each (MB = 1..4, MB <= 2 with
+// fp32 group scaling, and the bulk-copy weight ring experiment at MB = 1).
 //
 // Work split. A block is 4 warps side by side along N: it owns 256 columns, each warp one 64-column tile of the
 // format, and every warp streams ALL the 16-row slabs of each pipeline stage for its tile (SLABS = 8 or 4 per stage),
@@ -16,6 +16,10 @@
 // ring of STAGES shared-memory buffers, STAGES - 1 ahead of the compute. x goes through ldmatrix from an
 // XOR-swizzled tile; weights are dequantized with lop3 magic numbers (zero point pre-biased, scale in 16-bit: one
 // rounding); mma.sync m16n8k16 accumulates in fp32.
+//
+// Launch. On sm_90 the host may launch with programmatic dependent launch: everything a previous kernel may write
+// (x, scales, zeros, weights, workspace, counters, out) is read or written only after griddepcontrol.wait; before it
+// only L2 prefetch hints run.
 //
 // Cross-block reduction, deterministic. Each contributor to a split column writes its fp32 partial into its own
 // workspace slot (block, first-or-last column of its stripe), then bumps the column's counter; the block that brings
