@@ -249,6 +249,19 @@ def test_config_errors_name_the_layer(ct_dir, edit, message):
         from_pretrained(ct_dir)
 
 
+def test_quantized_tensors_on_a_non_linear_module_are_an_error(ct_dir):
+    # e.g. a config group that targets embeddings or fused MoE experts: they would stay unloaded here.
+    from safetensors.torch import load_file, save_file
+
+    fn = os.path.join(ct_dir, "model.safetensors")
+    state = load_file(fn)
+    state["model.embed_tokens.weight_packed"] = torch.zeros(512, 24, dtype=torch.int32)
+    save_file(state, fn)
+    with pytest.raises(ValueError, match=r"model\.embed_tokens\.weight_packed, but model\.embed_tokens is "
+                                         r"Embedding, not an nn\.Linear"):
+        from_pretrained(ct_dir)
+
+
 def test_ignored_layer_stays_16_bit(tmp_path):
     base = tiny_llama()
     dense = copy.deepcopy(base)

@@ -86,7 +86,9 @@ class _CheckpointLinear(nn.Module):
             self.register_buffer(name, torch.empty(shape, dtype=dtype, device="meta"))
 
     def loaded(self) -> Dict[str, torch.Tensor]:
-        return {n: t for n, t in self._buffers.items() if t is not None and t.device.type != "meta"}
+        # transformers flags what it loaded; a missing key is moved off meta as an empty tensor instead.
+        return {n: t for n, t in self._buffers.items()
+                if t is not None and t.device.type != "meta" and getattr(t, "_is_hf_initialized", False)}
 
 
 def _header_dtypes(files: Optional[Iterable[str]]) -> Optional[Dict[str, torch.dtype]]:

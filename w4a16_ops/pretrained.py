@@ -53,6 +53,9 @@ _QUANTIZED_SUFFIXES = {
     "weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx",
     "qweight", "qzeros", "scales", "g_idx", "zeros", "perm",
 }
+# The unambiguous ones: on a module that is not a planned linear (an embedding, fused MoE experts, ...)
+# they mean weights this package would leave unloaded.
+_PACKED_SUFFIXES = {"weight_packed", "weight_zero_point", "weight_shape", "weight_g_idx", "qweight", "qzeros"}
 
 
 def _fail(msg: str) -> None:
@@ -368,6 +371,15 @@ def plan_layers(model: nn.Module, quantization_config: Mapping[str, Any],
             f"'{QUANT_METHOD}', got {method!r}"
         )
     if keyset is not None:
+        modules = dict(model.named_modules())
+        for key in sorted(keyset):
+            owner, _, leaf = key.rpartition(".")
+            if leaf in _PACKED_SUFFIXES and owner not in linears:
+                kind = type(modules[owner]).__name__ if owner in modules else "no module of this model"
+                _fail(
+                    f"the checkpoint holds quantized tensor {key}, but {owner} is {kind}, not an nn.Linear "
+                    f"(only linear layers convert to W4A16)"
+                )
         for name in linears:
             own = {k[len(name) + 1:] for k in keyset if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
             if name in plans:
