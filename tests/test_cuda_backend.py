@@ -336,7 +336,7 @@ def test_bulk_copy_ring_matches_the_plain_kernel(cuda_ready):
     # per-thread copies, so its results must be bit-identical to the plain kernel's. Run in a child process: its
     # mbarrier waits trap instead of hanging if a phase never completes, which must fail this test only.
     root = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "-c", _BULK_CHILD], capture_output=True, text=True, timeout=240, cwd=root)
+    p = subprocess.run([sys.executable, "-c", _BULK_CHILD], capture_output=True, text=True, timeout=120, cwd=root)
     assert p.returncode == 0 and ("BULK OK" in p.stdout or "SKIP" in p.stdout), p.stdout[-1500:] + p.stderr[-3000:]
 
 

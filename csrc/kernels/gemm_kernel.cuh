@@ -121,11 +121,12 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
 #endif
 }
 
-// Waits until the barrier's phase with this parity has completed. Bounded: a barrier that never completes would be a
-// bug; trapping turns a hang of the whole GPU stream into an error.
+// Waits until the barrier's phase with this parity has completed. Bounded (about 2 s of SM clock): a barrier that
+// never completes would be a bug; trapping turns a hang of the whole GPU stream into an error.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  for (uint32_t tries = 0;; ++tries) {
+  long long t0 = 0;
+  for (;;) {
     uint32_t done;
     asm volatile(
         "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
@@ -133,7 +134,9 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
         : "r"(smem_addr(bar)), "r"(parity)
         : "memory");
     if (done) return;
-    if (tries > (1u << 26)) __trap();
+    const long long now = clock64();
+    if (t0 == 0) t0 = now;
+    else if (now - t0 > (4LL << 30)) __trap();
   }
 #endif
 }
