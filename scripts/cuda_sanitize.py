@@ -5,7 +5,8 @@
 Covers: split columns (cross-block reduction), zeros, both dtypes, N % 64 != 0, a K tail, two M chunks, x padding
 (K % 8 != 0) and the dequantize + dense GEMM path. Each result is also checked against the float64 reference.
 Every case runs twice: with the default launch, and (on sm_90) with programmatic dependent launch and the L2
-weight prefetch on, followed there by a chain of calls where each reads the previous call's output. On sm_90 with
+weight prefetch on, followed there by a chain of calls where each reads the previous call's output; with --bulk a
+third time with the bulk-copy weight ring. On sm_90 with
 the sm_90a build, the wgmma kernel's cases follow (SM90_CASES: both block heights, split-K, zeros, tails).
 """
 
@@ -38,6 +39,8 @@ SM90_CASES = [  # M, K, N, G, zeros, dtype, splits, bm
 ]
 
 TUNINGS = [(0, 0, 0, 0, 0), (0, 0, 0, 2, 4)]  # default; PDL + L2 prefetch 4 iterations ahead (sm_90)
+if "--bulk" in sys.argv:  # also the bulk-copy weight ring (an experiment; M <= 16 cases use it)
+    TUNINGS.append((0, 0, 0, 2, -1, 1))
 
 
 def main():
