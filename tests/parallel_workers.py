@@ -272,6 +272,8 @@ def case_transformers_llama(seed: int, G: int, symmetric: bool, engine: str = "t
         if engine == "transformers":
             assert type(down) is W4A16Linear and down._hf_quantized_needs_local_tp and down._is_hooked
             assert (down.bias is None) == (dist.get_rank() != 0), "a row shard's bias belongs to rank 0 only"
+        again = tp.shard_model(model, "auto", engine=engine)
+        assert not again.sharded and again.reason("model.layers.0.mlp.down_proj") == "already sharded", str(again)
         out = model(ids).logits
     check(out, ref, f"transformers Llama G={G} {'sym' if symmetric else 'zeros'} engine={engine}")
     same_everywhere(out, "transformers Llama")

@@ -35,6 +35,13 @@ class ShardReport:
     def replicated_names(self) -> list:
         return [n for n, _ in self.replicated]
 
+    def reason(self, name: str) -> Optional[str]:
+        """The detail of a sharded module or why a planned one stayed replicated; None if not planned."""
+        for n, d in self.sharded + self.replicated:
+            if n == name:
+                return d
+        return None
+
     def __str__(self) -> str:
         lines = [
             f"shard_model (rank {self.rank} of {self.world_size}): sharded {len(self.sharded)} W4A16Linear, "
@@ -115,7 +122,9 @@ def shard_model(
             continue
         if style not in COLUMN_STYLES and style not in ROW_STYLES:
             report.replicated.append((name, f"style {style!r} is not column/row-parallel"))
-        elif isinstance(mod, (ColumnParallelW4A16Linear, RowParallelW4A16Linear)):
+        elif isinstance(mod, (ColumnParallelW4A16Linear, RowParallelW4A16Linear)) or getattr(
+            mod, "_hf_quantized_needs_local_tp", False
+        ):  # a second call must not split a shard again
             report.replicated.append((name, "already sharded"))
         elif not isinstance(mod, W4A16Linear):
             report.replicated.append((name, f"{type(mod).__name__} is not a W4A16Linear"))
