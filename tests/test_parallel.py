@@ -1,6 +1,8 @@
 """Tensor parallelism (w4a16_ops.parallel): split rules and shards in one process, then real gloo
-process groups of 2 and 4 spawned ranks (tests/parallel_workers.py) running column- and row-parallel
-MLP and attention blocks and a transformers Llama against the single-process forward."""
+process groups of 2 and 4 spawned ranks (tests/parallel_workers.py, several cases per spawn) running
+column- and row-parallel MLP and attention blocks, act-order layers, a transformers Llama (both
+engines), a checkpoint loaded by w4a16_ops.from_pretrained and torch.compile against the
+single-process forward; plus the CPU-runnable parts of benchmarks/bench_tp.py and its gloo dry run."""
 
 from __future__ import annotations
 
