@@ -18,9 +18,9 @@
 // (TMA, 128-byte swizzle, zeros past M and K, completing on the stage's mbarrier), the weights of 4 slabs x 4 tiles,
 // two scale rows and two zero-word rows by cp.async (read back with ordinary loads: no proxy fence, which would
 // also wait for the later stages' copies in flight). The ring holds of kStages shared-memory stages, kAhead stages ahead of the math. Dequantization is the
-// CUDA kernel's (gemm::Ops<T>: lop3 magic numbers, zero point pre-biased, scale in 16-bit: one rounding) into a ring
-// of two slabs' A registers: the dequantization of slab s overlaps the wgmmas of slab s - 1, which stay in flight
-// across the stage boundary too (the tensor cores never drain between stages). So a stage's buffer is refilled two
+// CUDA kernel's (gemm::Ops<T>: lop3 magic numbers, zero point pre-biased, scale in 16-bit: one rounding), two slabs
+// at a time, into A registers per slab: the dequantization of a pair overlaps the wgmmas of the pair before, which
+// stay in flight across the stage boundary too (the tensor cores never drain between stages). So a stage's buffer is refilled two
 // stages after it was read (kAhead = kStages - 2), when every wgmma that read it has completed.
 #pragma once
 
@@ -213,11 +213,11 @@ __global__ void __launch_bounds__(kThreads, Cfg<BM>::MIN_BLOCKS)
     gemm::cp_async_commit();
   }
 
-  uint32_t a[2][kInst][4];  // A fragments of two slabs: one being read by wgmmas in flight, one being written
+  uint32_t a[kSlabs][kInst][4];  // A fragments of a stage; a pair is rewritten once its previous wgmmas completed
   for (int it = 0; it < nkb; ++it) {
     gemm::cp_async_wait<kAhead - 1>();
-    // Stage `it`'s cp.async data landed for every thread, and every warpgroup is past slab 1 of stage it - 1, so the
-    // wgmmas of stage it - 2 are complete: its buffer, (it + kAhead) % kStages, can be refilled.
+    // Stage `it`'s cp.async data landed for every thread, and every warpgroup is past its second wait of stage
+    // it - 1, so the wgmmas of stage it - 2 are complete: its buffer, (it + kAhead) % kStages, can be refilled.
     __syncthreads();
     if (it + kAhead < nkb) load_stage((it + kAhead) % kStages, kb0 + it + kAhead);
     gemm::cp_async_commit();
@@ -246,36 +246,51 @@ __global__ void __launch_bounds__(kThreads, Cfg<BM>::MIN_BLOCKS)
       }
     }
     const uint8_t* wq = st + C::X_BYTES + tile * 512 + 16 * lane + 8 * (warp & 1);
+    // Slabs in groups of SG (BM = 128: pairs, one scale row each): 2 SG independent dequantization chains between
+    // two waits, so the latency of one chain no longer sits between consecutive wgmma issues (ncu, v3: 33% of
+    // stalls were fixed-latency dependencies, tensor pipe 58% busy). BM = 64 keeps single slabs: its registers are
+    // budgeted for two blocks per SM.
+    constexpr int SG = BM == 128 ? 2 : 1;
 #pragma unroll
-    for (int s = 0; s < kSlabs; ++s) {
-      const uint2 q = *reinterpret_cast<const uint2*>(wq + s * kTiles * 512);
-      const uint32_t qw[2] = {q.x, q.y};
-      const int r = s >> 1, b = s & 1;
-      wgmma_wait<1>();  // the wgmmas of slab s - 2, which read a[b], are complete
+    for (int sg = 0; sg < kSlabs / SG; ++sg) {
+      uint2 q[SG];
 #pragma unroll
-      for (int i = 0; i < kInst; ++i)
+      for (int u = 0; u < SG; ++u) q[u] = *reinterpret_cast<const uint2*>(wq + (SG * sg + u) * kTiles * 512);
+      wgmma_wait<1>();  // the group before the one in flight is complete, the previous stage's group sg with it
 #pragma unroll
-        for (int j = 0; j < 4; ++j) pin(a[b][i][j]);
+      for (int u = 0; u < SG; ++u)
 #pragma unroll
-      for (int i = 0; i < kInst; ++i) {
-        uint32_t f[4];
-        O::dequant(qw[i], f, zla[r][i], zha[r][i], zlb[r][i], zhb[r][i], sa[r][i], sb[r][i]);
-        // B fragments of two n8 blocks (f0, f1 | f2, f3) -> A fragment rows g, g + 8 and k halves.
-        a[b][i][0] = f[0];
-        a[b][i][1] = f[2];
-        a[b][i][2] = f[1];
-        a[b][i][3] = f[3];
+        for (int i = 0; i < kInst; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) pin(a[SG * sg + u][i][j]);
+#pragma unroll
+      for (int u = 0; u < SG; ++u) {
+        const int sl = SG * sg + u, r = sl >> 1;  // scale row: slabs 0-1 and 2-3
+        const uint32_t qw[2] = {q[u].x, q[u].y};
+#pragma unroll
+        for (int i = 0; i < kInst; ++i) {
+          uint32_t f[4];
+          O::dequant(qw[i], f, zla[r][i], zha[r][i], zlb[r][i], zhb[r][i], sa[r][i], sb[r][i]);
+          // B fragments of two n8 blocks (f0, f1 | f2, f3) -> A fragment rows g, g + 8 and k halves.
+          a[sl][i][0] = f[0];
+          a[sl][i][1] = f[2];
+          a[sl][i][2] = f[1];
+          a[sl][i][3] = f[3];
+        }
       }
       wgmma_fence();
-      const uint64_t desc = smem_desc_sw128(xaddr + 32 * s);
 #pragma unroll
-      for (int i = 0; i < kInst; ++i) Wgmma<BM, BF16>::run(acc[i], a[b][i], desc);
+      for (int u = 0; u < SG; ++u) {
+        const uint64_t desc = smem_desc_sw128(xaddr + 32 * (SG * sg + u));
+#pragma unroll
+        for (int i = 0; i < kInst; ++i) Wgmma<BM, BF16>::run(acc[i], a[SG * sg + u][i], desc);
+      }
       wgmma_commit();
     }
   }
   wgmma_wait<0>();
 #pragma unroll
-  for (int b = 0; b < 2; ++b)
+  for (int b = 0; b < kSlabs; ++b)
 #pragma unroll
     for (int i = 0; i < kInst; ++i)
 #pragma unroll
