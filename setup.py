@@ -101,7 +101,7 @@ setup(
         "triton": ["triton"],
         "test": ["pytest", "expecttest", "numpy"],
         # Peers are optional: benchmarks/contenders.py times them only when they import.
-        "bench": ["matplotlib", "gemlite", "conch-triton-kernels"],
+        "bench": ["matplotlib", "gemlite", "conch-triton-kernels", "humming-kernels"],
         # w4a16_ops.from_pretrained / w4a16_ops.hf_quantizer (tested with transformers 5.24.0, accelerate 1.15.0);
         # compressed-tensors only for enable() (transformers parses those configs with it).
         "hf": ["transformers>=5.24,<6", "accelerate", "safetensors", "compressed-tensors"],
