@@ -138,8 +138,9 @@ def test_compressed_tensors_directory(tmp_path, sym, strategy, dtype, shards, bi
 def test_tied_embeddings_and_dtype(tmp_path):
     base = tiny_llama(dtype=torch.bfloat16, tie=True)
     write_compressed_tensors(base, str(tmp_path), symmetric=True)
-    model = from_pretrained(tmp_path, dtype=torch.float16)
+    model = from_pretrained(tmp_path, dtype=torch.float16, device="cpu")  # device -> transformers' device_map
     assert model.lm_head.weight is model.model.embed_tokens.weight, "tied output embedding"
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
     assert model.model.embed_tokens.weight.dtype == torch.float16
     assert all(m.scales.dtype == torch.float16 for m in quantized_layers(model).values()), "dtype= sets the scales"
     assert not model.training
