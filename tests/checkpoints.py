@@ -116,14 +116,21 @@ def _random_facts(K, N, G, *, sym, seed):
     return q, z, s
 
 
-def write_gptq(model, path, *, version, sym, desc_act, group_size=64, shards=1, seed=0):
+def write_gptq(model, path, *, version, sym, desc_act, group_size=64, shards=1, seed=0, dense_suffixes=(),
+               group_sizes=None, extra_config=None, config_file="config.json"):
     """A GPTQ directory (documented layout): random 4-bit values per linear of the decoder blocks,
-    lm_head dense. Returns {layer name: float64 weight [K, N] in the original row order}."""
+    lm_head dense. Returns {layer name: float64 weight [K, N] in the original row order}.
+
+    dense_suffixes: linears left 16-bit; group_sizes: {suffix: G} overrides; extra_config: more
+    quantization_config keys (e.g. GPTQModel's "dynamic"); config_file "quantize_config.json" writes
+    the quantization config there (old AutoGPTQ directories) instead of into config.json."""
     state = _dense_state(model)
     dense = {}
     for i, (name, m) in enumerate(n for n in model.named_modules() if n[0].endswith(LINEAR_SUFFIXES)):
+        if name.endswith(tuple(dense_suffixes)):
+            continue
         K, N = m.in_features, m.out_features
-        G = group_size
+        G = (group_sizes or {}).get(name.rpartition(".")[2], group_size)
         q, z, s = _random_facts(K, N, G, sym=sym, seed=seed + i)
         g_idx = act_order_g_idx(K, G, seed=seed + 100 + i) if desc_act else (torch.arange(K) // G).to(torch.int32)
         # Act-order: row k belongs to group g_idx[k]; q[k] is stored in place, the group's z / s apply.
@@ -136,12 +143,18 @@ def write_gptq(model, path, *, version, sym, desc_act, group_size=64, shards=1, 
         g = g_idx.long()
         dense[name] = (q.double() - z[g].double()) * s[g].double()
     cfg = model.config
-    cfg.quantization_config = {
+    qc = {
         "quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": sym, "desc_act": desc_act,
-        "checkpoint_format": "gptq_v2" if version == 2 else "gptq", "true_sequential": True,
+        "checkpoint_format": "gptq_v2" if version == 2 else "gptq", "true_sequential": True, **(extra_config or {}),
     }
-    save_dir(path, cfg, state, shards=shards)
-    del cfg.quantization_config
+    if config_file == "config.json":
+        cfg.quantization_config = qc
+        save_dir(path, cfg, state, shards=shards)
+        del cfg.quantization_config
+    else:
+        save_dir(path, cfg, state, shards=shards)
+        with open(os.path.join(path, config_file), "w") as f:
+            json.dump(qc, f)
     return dense
 
 

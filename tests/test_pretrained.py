@@ -180,6 +180,23 @@ def test_gptq_directory(tmp_path, version, sym, desc_act):
     check_logits(from_pretrained(tmp_path, dtype=torch.float32), dense_reference(base, weights, kn=True), "gptq")
 
 
+def test_gptq_dynamic_rules_and_quantize_config_json(tmp_path):
+    # GPTQModel's per-module rules: "-:" keeps a module dense, "+:" overrides its group size. And an old
+    # AutoGPTQ directory keeps the quantization config in quantize_config.json, not config.json.
+    base = tiny_llama()
+    dynamic = {r"-:.*\.down_proj": {}, r"+:.*\.o_proj": {"group_size": 32}}
+    weights = write_gptq(base, str(tmp_path), version=2, sym=False, desc_act=False, dense_suffixes=("down_proj",),
+                         group_sizes={"o_proj": 32}, extra_config={"dynamic": dynamic},
+                         config_file="quantize_config.json")
+    model = from_pretrained(tmp_path)
+    layers = quantized_layers(model)
+    assert sorted(layers) == sorted(weights) and not any("down_proj" in n for n in layers)
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    for name, layer in layers.items():
+        assert layer.group_size == (32 if name.endswith("o_proj") else 64), name
+        assert torch.equal(layer_weight_kn(layer), weights[name]), name
+
+
 def test_gptq_wrong_checkpoint_format_is_an_error(tmp_path):
     base = tiny_llama()
     write_gptq(base, str(tmp_path), version=1, sym=True, desc_act=False)
