@@ -146,6 +146,19 @@ def test_tied_embeddings_and_dtype(tmp_path):
     assert not model.training
 
 
+def test_scales_never_rounded_to_another_dtype(tmp_path):
+    # float16 scales do not fit bfloat16 exactly: dtype=bfloat16 keeps them float16 (the layer casts x).
+    write_compressed_tensors(tiny_llama(dtype=torch.float16), str(tmp_path), symmetric=False)
+    exact = from_pretrained(tmp_path)
+    model = from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    for name, layer in quantized_layers(model).items():
+        assert layer.scales.dtype == torch.float16, name
+        assert torch.equal(layer_weight_kn(layer), layer_weight_kn(exact.get_submodule(name))), name
+    x = torch.randn(2, 192, dtype=torch.bfloat16)
+    assert model.model.layers[0].self_attn.q_proj(x).dtype == torch.bfloat16
+
+
 def test_save_pretrained_round_trip(tmp_path):
     base = tiny_llama(dtype=torch.float16, bias=True)
     write_compressed_tensors(base, str(tmp_path / "ct"), symmetric=False)

@@ -104,8 +104,9 @@ class LayerPlan:
         return [n for n, (_, _, req) in self.tensors.items() if req and n not in have]
 
     def build(self, tensors: Mapping[str, Tensor], dtype: Optional[torch.dtype] = None) -> W4A16Linear:
-        """The W4A16Linear for this layer from its checkpoint tensors. dtype: the scales' dtype
-        (None: the checkpoint's if 16-bit, else float16)."""
+        """The W4A16Linear for this layer from its checkpoint tensors. dtype: the wanted scales'
+        (= compute) dtype, taken only where every scale converts exactly; else, and with None, the
+        checkpoint's own if 16-bit (float32 scales become float16, the op's most precise dtype)."""
         for n, t in tensors.items():
             if n in self.tensors:
                 self.check(n, t)
@@ -120,6 +121,12 @@ class LayerPlan:
             _fail(f"layer {self.name}: weight_shape must be [N, K] = {[self.out_features, self.in_features]} "
                   f"(the model's linear), the checkpoint says {shape.tolist()}")
         bias = tensors.get("bias")
+        s = tensors.get("weight_scale", tensors.get("scales"))
+        if dtype is not None and s is not None and s.dtype != dtype:
+            # bfloat16 <-> float16 loses bits or range for some values: then keep the checkpoint's (the layer
+            # casts activations around the op instead).
+            if s.dtype in (torch.float16, torch.bfloat16) and not torch.equal(s.to(dtype).to(s.dtype), s):
+                dtype = None
         try:
             if self.method == "w4a16_ops":
                 scales = tensors["scales"] if dtype is None else tensors["scales"].to(dtype)
@@ -453,8 +460,9 @@ def from_pretrained(
     path    a local directory: config.json (with quantization_config, or an old GPTQ directory's
             quantize_config.json) + *.safetensors shards.
     dtype   dtype of the model's other weights (embeddings, norms, 16-bit linears) and, when 16-bit,
-            of the W4A16 scales; default: transformers' "auto" (config.json's dtype). With a float32
-            model the scales keep the checkpoint's 16-bit dtype and W4A16Linear casts around the op.
+            of the W4A16 scales where they convert exactly (else they keep the checkpoint's dtype);
+            default: transformers' "auto" (config.json's dtype). With a float32 model the scales stay
+            16-bit and W4A16Linear casts activations around the op.
     device  where the weights go (transformers' device_map: "cpu", "cuda:0", a torch.device, ...).
     kwargs  passed to the model class's from_pretrained (e.g. attn_implementation="eager").
 
