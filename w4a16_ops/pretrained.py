@@ -473,9 +473,12 @@ def from_pretrained(
     reloads without conversion (here or through transformers after importing w4a16_ops.hf_quantizer).
     Raises ValueError for anything it cannot load exactly (see the module docstring).
     """
-    import transformers
+    try:
+        import transformers
 
-    from .hf_quantizer import W4A16Config
+        from .hf_quantizer import W4A16Config
+    except ImportError as e:
+        raise ImportError(f"from_pretrained needs transformers and safetensors (pip install 'w4a16_ops[hf]'): {e}") from e
 
     path = os.fspath(path)
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
