@@ -4,23 +4,13 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "launchers.h"
+
 namespace w4a16 {
 namespace sm90 {
 
-// One call's tensors and shape, as GemmArgs in launchers.h: x [M, K] rows lda elements apart (lda % 8 == 0, 16-byte
-// aligned, K % 8 == 0); qweight in the packed format; scales T [K/G, N]; zeros int32 [K/G, N/8] or nullptr;
-// out T [M, N] rows ldo apart.
-struct Args {
-  const void* x;
-  int64_t lda;
-  const int32_t* qweight;
-  const void* scales;
-  const int32_t* zeros;
-  void* out;
-  int64_t ldo;
-  int M, K, N, G;
-  bool bf16;
-};
+// One call's tensors and shape: the mma.sync kernel's GemmArgs (launchers.h), the same contract.
+using Args = GemmArgs;
 
 // The grid: m_blocks x n_blocks output tiles of bm x 256, each K range cut into `splits` slices of kb_per_split
 // 64-row k-blocks. With splits > 1 every slice writes fp32 partial sums to the workspace and a second kernel adds
