@@ -41,32 +41,36 @@ def main() -> int:
     print(f"\ndispatch on this machine ({device}):")
     for label, M, K, N, G in EXAMPLES:
         print(f"  {label:32s} M={M:<5d} K={K:<6d} N={N:<6d} -> {dispatch.explain(M, K, N, group_size=G, device=device)}")
-    print("\ndispatch on an H100 (sm_90) with every backend built:")
+    print("\ndispatch on an H100 / H200 (sm_90) with every backend built:")
     for label, M, K, N, G in EXAMPLES:
         d = dispatch.explain(M, K, N, group_size=G, device="cuda", capability=(9, 0), unavailable={})
         print(f"  {label:32s} M={M:<5d} K={K:<6d} N={N:<6d} -> {d}")
 
-    print("\ncheck against the float64 reference (M=33, K=512, N=264, G=128, zeros and symmetric):")
+    # On a GPU also M = 100, which the CUDA backend runs on its wgmma kernel on sm_90 (64 <= M < 512).
+    ms = (33, 100) if device == "cuda" else (33,)
+    print(f"\ncheck against the float64 reference (M={' and '.join(map(str, ms))}, K=512, N=264, G=128, zeros and "
+          "symmetric):")
     failures = 0
     torch.manual_seed(0)
     for name in BACKENDS:
         if unavailable[name] is not None:
             continue
-        for dtype in (torch.float16, torch.bfloat16):
-            for zeros in (False, True):
-                failures += not _check(name, device, dtype, zeros)
+        for M in ms:
+            for dtype in (torch.float16, torch.bfloat16):
+                for zeros in (False, True):
+                    failures += not _check(name, device, dtype, zeros, M)
     print("all backends agree with the reference" if not failures else f"{failures} check(s) FAILED")
     return 1 if failures else 0
 
 
-def _check(name: str, device: str, dtype: torch.dtype, zeros: bool) -> bool:
-    M, K, N, G = 33, 512, 264, 128
+def _check(name: str, device: str, dtype: torch.dtype, zeros: bool, M: int) -> bool:
+    K, N, G = 512, 264, 128
     packed = w4a16_ops.quantize(torch.randn(N, K), G, symmetric=not zeros, dtype=dtype)
     packed = [t.to(device) if t is not None else None for t in packed]
     x = torch.randn(M, K, dtype=dtype, device=device)
     p = dispatch.problem_for(x.device, dtype, M, K, N, G, zeros)
     why_not = BACKENDS[name].unsupported_reason(p)
-    label = f"  {name:10s} {str(dtype).replace('torch.', ''):9s} {'zeros' if zeros else 'symmetric':9s}"
+    label = f"  {name:10s} M={M:<4d} {str(dtype).replace('torch.', ''):9s} {'zeros' if zeros else 'symmetric':9s}"
     if why_not is not None:
         print(f"{label} skipped: {why_not}")
         return True
