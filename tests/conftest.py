@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import torch
 
@@ -26,8 +27,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh data per case, reproducible from the test id (print it to replay a failure).
-    seed = abs(hash(request.node.nodeid)) % (2**31)
+    # Fresh data per case, reproducible from the test id in any process (str hashes are salted per process).
+    seed = zlib.crc32(request.node.nodeid.encode()) % (2**31)
     torch.manual_seed(seed)
     yield
 

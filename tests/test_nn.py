@@ -362,3 +362,9 @@ def test_module_on_cpu_device_path():
 @pytest.mark.gpu
 def test_module_on_cuda():
     module_on("cuda", compile=True)
+
+
+def test_integer_x_is_rejected_like_nn_linear():
+    layer = W4A16Linear.from_linear(torch.nn.Linear(64, 32), group_size=32)
+    with pytest.raises(ValueError, match="x must be a floating-point tensor, got torch.int64"):
+        layer(torch.ones(2, 64, dtype=torch.int64))

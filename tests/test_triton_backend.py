@@ -218,3 +218,11 @@ def test_gpu_cuda_graph_capture():
     g.replay()
     torch.cuda.synchronize()
     _check_gpu(out, case, "graph replay")
+
+
+def test_bf16_is_refused_under_the_interpreter(monkeypatch):
+    # The interpreter's tl.dot has no bf16 and returns garbage: refused with the reason, never run.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    p = Problem("cpu", None, torch.bfloat16, 4, 64, 64, 32, False)
+    assert "TRITON_INTERPRET" in tb.unsupported_reason(p)
+    assert tb.unsupported_reason(p._replace(dtype=torch.float16)) is None

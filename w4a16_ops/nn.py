@@ -115,6 +115,8 @@ class W4A16Linear(nn.Module):
     def _matmul(self, x: Tensor) -> Tensor:
         """x @ W^T in the scales' dtype, without the bias (row-parallel subclasses add it after their
         all-reduce, w4a16_ops.parallel)."""
+        if not x.is_floating_point():  # a cast to the scales' dtype would compute on integers' values silently
+            raise ValueError(f"W4A16Linear: x must be a floating-point tensor, got {x.dtype}")
         if x.dtype != self.scales.dtype:
             x = x.to(self.scales.dtype)
         if self.perm is not None:

@@ -62,6 +62,9 @@ def unsupported_reason(p) -> Optional[str]:
         return f"device {p.device_type} is not supported (cuda, or cpu under TRITON_INTERPRET=1)"
     if p.dtype not in _SUPPORTED_DTYPES:
         return f"dtype {p.dtype} is not supported (float16 or bfloat16)"
+    if p.dtype == torch.bfloat16 and _interpreting():
+        # The interpreter's tl.dot has no bf16: it returns values of ~1e9 rather than failing.
+        return "bfloat16 is not supported under TRITON_INTERPRET=1 (the interpreter's tl.dot has no bf16)"
     if p.N % 8:
         return f"N = {p.N} is not a multiple of 8"
     if p.K % p.G:
