@@ -102,9 +102,17 @@ class TestErrorMessages(expecttest.TestCase):
         )
 
     def test_unsupported_group_size(self):
+        args = _valid(K=96, G=32)  # three groups of 32; two scale rows make G = 48
+        self.assertExpectedInline(
+            _errors(**dict(args, scales=args["scales"][:2].contiguous(), zeros=args["zeros"][:2].contiguous())),
+            """w4a16.gemm: group size G = K / scales.shape[0] = 48 is not supported; expected 32, 64, 128, 256 or K = 96""",
+        )
+
+    def test_k_disagreeing_with_the_weights_names_k(self):
+        # x with K = 64 against weights packed for K = 256: K / scales.shape[0] = 16 is no group size to report.
         self.assertExpectedInline(
             _errors(x=torch.randn(3, 64, dtype=torch.float16)),
-            """w4a16.gemm: group size G = K / scales.shape[0] = 16 is not supported; expected 32, 64, 128, 256 or K = 64""",
+            """w4a16.gemm: K = x.shape[-1] = 64 does not match the weights: qweight must have shape [4, 256] for K = 64, N = 128, got [16, 256]""",
         )
 
     def test_n_not_multiple_of_8(self):
@@ -157,3 +165,4 @@ def test_valid_call_does_not_raise_in_fake_mode():
         fake = [mode.from_tensor(t) for t in args.values()]
         out = torch.ops.w4a16.gemm(*fake)
     assert out.shape == (3, 128) and out.dtype == torch.float16
+

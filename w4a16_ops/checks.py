@@ -41,7 +41,15 @@ def check_gemm_args(
     num_groups, N = scales.shape
     if K == 0:
         _fail("K = x.shape[-1] must be positive, got 0")
-    if num_groups == 0 or K % num_groups:
+    divides = num_groups > 0 and K % num_groups == 0
+    group_ok = divides and (num_groups == 1 or K // num_groups in SUPPORTED_GROUP_SIZES)
+    if not group_ok and (qweight.dim() != 2 or qweight.shape[0] != -(-K // 16)):
+        # The weights were packed for another K: say so, rather than calling K / scales.shape[0] a bad group size.
+        _fail(
+            f"K = x.shape[-1] = {K} does not match the weights: qweight must have shape {list(qweight_shape(K, N))} "
+            f"for K = {K}, N = {N}, got {list(qweight.shape)}"
+        )
+    if not divides:
         _fail(f"K = x.shape[-1] = {K} must be a multiple of scales.shape[0] = {num_groups} (the number of groups)")
     G = K // num_groups
     if G not in SUPPORTED_GROUP_SIZES and num_groups != 1:
