@@ -1,5 +1,7 @@
 """The backend choice: a pure function with reasons, forcing by environment variable, explain()."""
 
+import re
+
 import pytest
 import torch
 
@@ -126,3 +128,27 @@ def test_measured_table_with_zero_points_on_hopper():
     assert [dispatch.decide(_p(M=M, zeros=True), {}).backend for M in (1, 16, 64, 256)] == ["cuda"] * 4
     assert "zero-point weights" in dispatch.decide(_p(M=16, zeros=True), {}).reason
     assert dispatch.decide(_p(M=16, zeros=True), {"cuda": "not built"}).backend == "triton"
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(M=1, K=4096, N=100), "N must be a positive multiple of 8, got 100"),
+        (dict(M=1, K=4096, N=4096, group_size=96), "group_size must be 32, 64, 128, 256, -1 or K = 4096, got 96"),
+        (dict(M=1, K=200, N=64, group_size=128), "K = 200 must be a multiple of group_size = 128"),
+        (dict(M=1, K=256, N=64, dtype=torch.float32), "dtype must be torch.float16 or torch.bfloat16"),
+        (dict(M=-1, K=256, N=64), "M must be >= 0, got -1"),
+    ],
+)
+def test_explain_rejects_what_the_op_rejects(kwargs, words):
+    M, K, N = kwargs.pop("M"), kwargs.pop("K"), kwargs.pop("N")
+    with pytest.raises(ValueError, match=re.escape(words)):
+        w4a16_ops.explain(M, K, N, device="cpu", **kwargs)
+
+
+def test_explain_says_which_gpu_it_assumed():
+    if torch.cuda.is_available():
+        pytest.skip("only a machine without a CUDA device answers for an assumed GPU")
+    d = w4a16_ops.explain(1, 4096, 4096, device="cuda")
+    assert "answered for sm_90" in d.reason
+    assert "answered for" not in w4a16_ops.explain(1, 4096, 4096, device="cuda", capability=(9, 0)).reason

@@ -196,6 +196,24 @@ def problem_for(device: torch.device, dtype: torch.dtype, M: int, K: int, N: int
 
 
 @functools.lru_cache(maxsize=None)
+def _check_explain_args(M, K, N, group_size, dtype) -> None:
+    """The op's shape and dtype rules for explain()'s plain numbers (w4a16_ops.checks holds the tensors' version)."""
+    from .format import SUPPORTED_GROUP_SIZES
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"explain: dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+    if M < 0:
+        raise ValueError(f"explain: M must be >= 0, got {M}")
+    if K <= 0:
+        raise ValueError(f"explain: K must be positive, got {K}")
+    if N <= 0 or N % 8:
+        raise ValueError(f"explain: N must be a positive multiple of 8, got {N}")
+    if group_size not in (-1, K) and group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(f"explain: group_size must be 32, 64, 128, 256, -1 or K = {K}, got {group_size}")
+    if group_size not in (-1, K) and K % group_size:
+        raise ValueError(f"explain: K = {K} must be a multiple of group_size = {group_size}")
+
+
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
@@ -215,13 +233,24 @@ def explain(
     """Which backend w4a16.gemm would use for this call, and why.
 
     capability and unavailable default to this machine; pass them to ask about another one, e.g.
-    explain(1, 2112, 4096, capability=(9, 0), unavailable={}) for an H100 with every backend built.
+    explain(1, 2112, 4096, capability=(9, 0), unavailable={}) for an H100 with every backend built. Arguments the
+    op would reject raise ValueError (naming the argument, the expected and the given value). Asked about CUDA on a
+    machine without a CUDA device and no capability, it answers for sm_90 and its reason says so.
     """
+    _check_explain_args(M, K, N, group_size, dtype)
     dev = torch.device(device)
     G = K if group_size in (-1, K) else group_size
+    assumed = ""
     if capability is None and dev.type == "cuda":
-        capability = _capability(dev) if torch.cuda.is_available() else (9, 0)
+        if torch.cuda.is_available():
+            capability = _capability(dev)
+        else:
+            capability, assumed = (9, 0), " [no CUDA device here: answered for sm_90; pass capability= for another GPU]"
     p = Problem(dev.type, capability, dtype, M, K, N, G, zeros)
+    if assumed:
+        d = explain(M, K, N, group_size=group_size, dtype=dtype, zeros=zeros, device=device, capability=capability,
+                    unavailable=unavailable)
+        return Decision(d.backend, d.reason + assumed)
     if unavailable is None:
         unavailable = unavailable_backends()
         forced = forced_backend()
