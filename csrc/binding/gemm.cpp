@@ -23,6 +23,7 @@
 #include <optional>
 #include <vector>
 
+#include "common.h"
 #include "launchers.h"
 
 namespace {
@@ -75,21 +76,11 @@ w4a16::GemmTuning tuning(int64_t bps, int64_t splits, int64_t scaling, int64_t p
 // The current device's multiprocessor count, after checking its compute capability (both cached per device: this is
 // on every call's host path). major: set to the compute capability's major number when given.
 int device_sms(const char* op, int* major = nullptr) {
-  static int cached[64][3] = {};  // major, minor, SMs; 0 = not queried yet (a benign race queries twice)
-  int dev = 0;
-  TORCH_CHECK(cudaGetDevice(&dev) == cudaSuccess, op, ": cudaGetDevice failed");
-  int local[3] = {0, 0, 0};
-  int* c = dev < 64 ? cached[dev] : local;
-  if (c[2] == 0) {
-    TORCH_CHECK(cudaDeviceGetAttribute(&c[0], cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&c[1], cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&c[2], cudaDevAttrMultiProcessorCount, dev) == cudaSuccess,
-                op, ": cudaDeviceGetAttribute failed");
-  }
-  TORCH_CHECK(c[0] >= 8, op, ": needs compute capability >= 8.0 (mma.sync bf16, cp.async), this GPU is sm_", c[0],
-              c[1]);
-  if (major != nullptr) *major = c[0];
-  return c[2];
+  const w4a16_binding::DeviceProps c = w4a16_binding::device_props(op);
+  TORCH_CHECK(c.major >= 8, op, ": needs compute capability >= 8.0 (mma.sync bf16, cp.async), this GPU is sm_", c.major,
+              c.minor);
+  if (major != nullptr) *major = c.major;
+  return c.sms;
 }
 
 void cuda_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -125,19 +116,7 @@ void cuda_gemm(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
               " elements, got ", locks.scalar_type(), " ", locks.sizes());
   at::Tensor ws;
   if (plan.ws_floats > 0) ws = at::empty({plan.ws_floats}, x.options().dtype(at::kFloat));
-  w4a16::GemmArgs a{};
-  a.x = x.data_ptr();
-  a.lda = M <= 1 ? K : x.stride(0);
-  a.qweight = qweight.data_ptr<int32_t>();
-  a.scales = scales.data_ptr();
-  a.zeros = zeros.has_value() ? zeros->data_ptr<int32_t>() : nullptr;
-  a.out = out.data_ptr();
-  a.ldo = N;
-  a.M = int(M);
-  a.K = int(K);
-  a.N = int(N);
-  a.G = int(K / scales.size(0));
-  a.bf16 = x.scalar_type() == at::kBFloat16;
+  const w4a16::GemmArgs a = w4a16_binding::gemm_args(x, qweight, scales, zeros, out);
   const cudaError_t err = w4a16::launch_gemm(a, plan, plan.ws_floats > 0 ? ws.data_ptr<float>() : nullptr,
                                              locks.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": launch failed: ", cudaGetErrorString(err));

@@ -18,26 +18,18 @@
 #include <optional>
 #include <vector>
 
+#include "common.h"
 #include "sm90_gemm.h"
 
 namespace {
 
 constexpr const char* kOp = "w4a16._cuda_gemm_sm90";
 
-// Multiprocessors of the current device after checking it is compute capability 9.x (cached per device).
+// Multiprocessors of the current device after checking it is compute capability 9.x.
 int sm90_device_sms(const char* op) {
-  static int cached[64][2] = {};  // major, SMs; 0 = not queried yet
-  int dev = 0;
-  TORCH_CHECK(cudaGetDevice(&dev) == cudaSuccess, op, ": cudaGetDevice failed");
-  int local[2] = {0, 0};
-  int* c = dev < 64 ? cached[dev] : local;
-  if (c[1] == 0) {
-    TORCH_CHECK(cudaDeviceGetAttribute(&c[0], cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&c[1], cudaDevAttrMultiProcessorCount, dev) == cudaSuccess,
-                op, ": cudaDeviceGetAttribute failed");
-  }
-  TORCH_CHECK(c[0] == 9, op, ": needs a compute capability 9.x GPU (wgmma), this one is sm_", c[0], "x");
-  return c[1];
+  const w4a16_binding::DeviceProps c = w4a16_binding::device_props(op);
+  TORCH_CHECK(c.major == 9, op, ": needs a compute capability 9.x GPU (wgmma), this one is sm_", c.major, c.minor);
+  return c.sms;
 }
 
 void gemm_sm90(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
@@ -78,19 +70,7 @@ void gemm_sm90(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor&
   TORCH_CHECK(perr == cudaSuccess, kOp, ": no partition for this shape: ", cudaGetErrorString(perr));
   at::Tensor ws;
   if (plan.ws_floats > 0) ws = at::empty({plan.ws_floats}, x.options().dtype(at::kFloat));
-  w4a16::sm90::Args a{};
-  a.x = x.data_ptr();
-  a.lda = M <= 1 ? K : x.stride(0);
-  a.qweight = qweight.data_ptr<int32_t>();
-  a.scales = scales.data_ptr();
-  a.zeros = zeros.has_value() ? zeros->data_ptr<int32_t>() : nullptr;
-  a.out = out.data_ptr();
-  a.ldo = N;
-  a.M = int(M);
-  a.K = int(K);
-  a.N = int(N);
-  a.G = int(G);
-  a.bf16 = x.scalar_type() == at::kBFloat16;
+  const w4a16::sm90::Args a = w4a16_binding::gemm_args(x, qweight, scales, zeros, out);
   const cudaError_t err = w4a16::sm90::launch(a, plan, plan.ws_floats > 0 ? ws.data_ptr<float>() : nullptr,
                                               c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, kOp, ": launch failed: ", cudaGetErrorString(err));
