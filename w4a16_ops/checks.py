@@ -52,7 +52,7 @@ def check_gemm_args(
     if not divides:
         _fail(f"K = x.shape[-1] = {K} must be a multiple of scales.shape[0] = {num_groups} (the number of groups)")
     G = K // num_groups
-    if G not in SUPPORTED_GROUP_SIZES and num_groups != 1:
+    if not group_ok:
         _fail(f"group size G = K / scales.shape[0] = {G} is not supported; expected 32, 64, 128, 256 or K = {K}")
     if N == 0 or N % 8:
         _fail(f"N = scales.shape[1] must be a positive multiple of 8, got {N}")

@@ -247,13 +247,12 @@ def explain(
         else:
             capability, assumed = (9, 0), " [no CUDA device here: answered for sm_90; pass capability= for another GPU]"
     p = Problem(dev.type, capability, dtype, M, K, N, G, zeros)
-    if assumed:
-        d = explain(M, K, N, group_size=group_size, dtype=dtype, zeros=zeros, device=device, capability=capability,
-                    unavailable=unavailable)
-        return Decision(d.backend, d.reason + assumed)
+    forced = None
     if unavailable is None:
         unavailable = unavailable_backends()
         forced = forced_backend()
-        if forced is not None:
-            return check_forced(p, forced, unavailable)
-    return decide(p, {n: unavailable.get(n) for n in BACKENDS})
+    if forced is not None:
+        d = check_forced(p, forced, unavailable)
+    else:
+        d = decide(p, {n: unavailable.get(n) for n in BACKENDS})
+    return d._replace(reason=d.reason + assumed)
