@@ -93,17 +93,23 @@ __device__ __forceinline__ int group_of(const KParams& p, int k) {
   return g < p.ng ? g : p.ng - 1;  // rows past K (the last stage's tail) read the last group; their x is zero
 }
 
+// The block-local output column (row of W^T) that thread tid's wgmma i accumulates in its first n8 block (the
+// second is 8 further): warp w of warpgroup wg takes sub-tile 2 (w % 2) + i of the block's tile 2 wg + w / 2.
+__device__ __forceinline__ int wt_row(int tid, int i) {
+  const int lane = tid & 31, warp = (tid >> 5) & 3, wg = tid >> 7;
+  return (wg * kInst + (warp >> 1)) * 64 + 16 * (2 * (warp & 1) + i) + (lane >> 2);
+}
+
 // The output tile from the accumulators: through shared memory (padded rows) so global stores are 16-byte and
 // coalesced; rows past M and columns past N are not written.
 template <typename T, int BM>
 __device__ __forceinline__ void store_tile(const KParams& p, float (&acc)[kInst][Cfg<BM>::ACC], uint8_t* smem,
                                            int mb, int nb) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = (tid >> 5) & 3, wg = tid >> 7;
-  const int g = lane >> 2, t4 = lane & 3;
+  const int tid = threadIdx.x, t4 = tid & 3;
   T* tile = reinterpret_cast<T*>(smem);
 #pragma unroll
   for (int i = 0; i < kInst; ++i) {
-    const int n = (wg * kInst + (warp >> 1)) * 64 + 16 * (2 * (warp & 1) + i) + g;  // this thread's row of W^T
+    const int n = wt_row(tid, i);
 #pragma unroll
     for (int c = 0; c < BM / 8; ++c) {
       const int m = 8 * c + 2 * t4;
@@ -205,7 +211,7 @@ __global__ void __launch_bounds__(kThreads, Cfg<BM>::MIN_BLOCKS)
   const int tile = wg * kInst + (warp >> 1);
   int ncol[kInst];
 #pragma unroll
-  for (int i = 0; i < kInst; ++i) ncol[i] = tile * 64 + 16 * (2 * (warp & 1) + i) + g;
+  for (int i = 0; i < kInst; ++i) ncol[i] = wt_row(tid, i);
 
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
@@ -341,9 +347,8 @@ __global__ void __launch_bounds__(256) reduce_kernel(const KParams p) {
   }
   // Registers j..j + 3 of wgmma i: (n, m), (n, m + 1), (n + 8, m), (n + 8, m + 1) with m = 8 (j / 4) + 2 (lane % 4).
   const int i = v / (C::ACC / 4), j = 4 * (v % (C::ACC / 4));
-  const int lane = tid & 31, warp = (tid >> 5) & 3, wg = tid >> 7;
-  const int n = nb * kBN + (wg * kInst + (warp >> 1)) * 64 + 16 * (2 * (warp & 1) + i) + (lane >> 2);
-  const int m = mb * BM + 8 * (j / 4) + 2 * (lane & 3);
+  const int n = nb * kBN + wt_row(tid, i);
+  const int m = mb * BM + 8 * (j / 4) + 2 * (tid & 3);
   T* out = static_cast<T*>(p.out);
   const float vals[4] = {sum.x, sum.y, sum.z, sum.w};
 #pragma unroll
